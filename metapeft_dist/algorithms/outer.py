@@ -1,0 +1,50 @@
+"""The outer (meta) optimizer: an mlx.optimizers optimizer with a learning-rate
+schedule, and global-norm gradient clipping."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.optimizers as optim
+
+
+def make_schedule(spec, total_updates: int) -> float | Callable[[mx.array], mx.array]:
+    """``spec`` is a :class:`metapeft_dist.config.OuterSpec`.
+
+    Linear warm-up from 0 over ``warmup`` updates, then constant, cosine or linear decay
+    from ``lr`` to ``end_lr`` over the remaining updates.
+    """
+    decay_steps = max(total_updates - spec.warmup, 1)
+    if spec.schedule == "constant":
+        main: float | Callable = spec.lr
+    elif spec.schedule == "cosine":
+        main = optim.cosine_decay(spec.lr, decay_steps, spec.end_lr)
+    else:
+        main = optim.linear_schedule(spec.lr, spec.end_lr, decay_steps)
+    if spec.warmup == 0:
+        return main
+    warm = optim.linear_schedule(0.0, spec.lr, spec.warmup)
+    if not callable(main):
+        constant = main
+        main = lambda step: mx.array(constant)  # noqa: E731
+    return optim.join_schedules([warm, main], [spec.warmup])
+
+
+def make_optimizer(spec, total_updates: int) -> optim.Optimizer:
+    lr = make_schedule(spec, total_updates)
+    if spec.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    if spec.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=spec.weight_decay)
+    return optim.SGD(learning_rate=lr, momentum=spec.momentum)
+
+
+def clip_by_global_norm(grads, max_norm: float | None):
+    """(clipped gradients, norm before clipping); no clipping when max_norm is None."""
+    if max_norm is None:
+        from mlx.utils import tree_flatten
+
+        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+        return grads, norm
+    return optim.clip_grad_norm(grads, max_norm)

@@ -1,0 +1,101 @@
+"""Few-shot evaluation: adaptation curves on held-out tasks, confidence intervals and
+steps-to-target.
+
+Every init (the meta-learned one and the baselines) is adapted on the *same* tasks,
+keyed (seed, split, stream, index), so differences between inits are paired.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from metapeft_dist.algorithms.base import map_tasks
+from metapeft_dist.job import Init, Job, to_mx
+
+Z95 = 1.959963984540054
+
+
+class Evaluator:
+    """Adapts an init for ``steps`` steps on many tasks at once and records the query
+    metric after every step (0 .. steps)."""
+
+    def __init__(self, job: Job, steps: int):
+        self.job = job
+        self.steps = steps
+        algorithm, model, objective = job.algorithm, job.model, job.objective
+        vmap = job.spec.run.batching == "vmap"
+
+        def curve(shared, sx, sy, qx, qy):
+            frozen = shared["frozen"]
+
+            def loss_fn(p, x, y):
+                return objective.loss(model({**frozen, **p}, x), y)
+
+            trajectory = algorithm.adapt(shared["meta"], loss_fn, sx, sy, steps)
+            return mx.stack([objective.metric(model({**frozen, **p}, qx), qy)
+                             for p in trajectory])
+
+        def curves(shared, sx, sy, qx, qy):
+            return map_tasks(curve, shared, (sx, sy, qx, qy), vmap)
+
+        self._curves: Callable = mx.compile(curves) if job.spec.run.compile else curves
+
+    def curves(self, init: Init, split: str, shots: int, tasks: int, stream: int,
+               chunk: int, query: int | None = None) -> np.ndarray:
+        """Metric after 0..steps adaptation steps, shape (tasks, steps + 1)."""
+        shared = {"meta": init.meta, "frozen": init.frozen}
+        out = []
+        for start in range(0, tasks, chunk):
+            indices = range(start, min(start + chunk, tasks))
+            batch = to_mx(self.job.episodes(split, stream, indices, shots, query))
+            out.append(np.array(self._curves(shared, *batch)))
+        return np.concatenate(out)
+
+
+def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over axis 0 and the half-width of its normal 95% confidence interval."""
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[0]
+    mean = values.mean(axis=0)
+    if n < 2:
+        return mean, np.full_like(mean, np.nan)
+    return mean, Z95 * values.std(axis=0, ddof=1) / math.sqrt(n)
+
+
+def steps_to_target(curve: np.ndarray, target: float, higher_is_better: bool) -> int | None:
+    """First step at which ``curve`` reaches ``target``; None if it never does."""
+    reached = curve >= target if higher_is_better else curve <= target
+    hits = np.flatnonzero(reached)
+    return int(hits[0]) if hits.size else None
+
+
+def summarize(curves: dict[str, np.ndarray], higher_is_better: bool,
+              target: float | None) -> dict[str, Any]:
+    """Per init: mean and 95% CI at every step, steps-to-target on the mean curve and
+    per task; per baseline: the paired gain of the meta-learned init over it."""
+    if target is None and "random" in curves:
+        target = float(mean_ci95(curves["random"])[0][-1])
+    out: dict[str, Any] = {"target": target, "inits": {}, "gain_over": {}}
+    for name, values in curves.items():
+        mean, ci = mean_ci95(values)
+        entry: dict[str, Any] = {"mean": mean.tolist(), "ci95": ci.tolist()}
+        if target is not None:
+            entry["steps_to_target"] = steps_to_target(mean, target, higher_is_better)
+            per_task = [steps_to_target(row, target, higher_is_better) for row in values]
+            reached = [s for s in per_task if s is not None]
+            entry["tasks_reaching_target"] = len(reached) / len(per_task)
+            entry["median_task_steps_to_target"] = (
+                float(np.median(reached)) if len(reached) * 2 > len(per_task) else None)
+        out["inits"][name] = entry
+    if "meta" in curves:
+        sign = 1.0 if higher_is_better else -1.0
+        for name, values in curves.items():
+            if name == "meta":
+                continue
+            gain, ci = mean_ci95(sign * (curves["meta"] - values))
+            out["gain_over"][name] = {"mean": gain.tolist(), "ci95": ci.tolist()}
+    return out

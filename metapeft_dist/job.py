@@ -1,0 +1,116 @@
+"""A job spec made concrete: the task family, model, objective, algorithm, the initial
+meta-parameters and the frozen base.
+
+The same :class:`Job` is built wherever the job runs (this process now, each worker
+later); building it is deterministic in the spec, so only the spec has to travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+
+from metapeft_dist.algorithms import MetaAlgorithm, Task, make_algorithm
+from metapeft_dist.config import JobSpec
+from metapeft_dist.models import Model, build_model, is_head, split_trainable
+from metapeft_dist.models.lora import is_adapter
+from metapeft_dist.objectives import Objective, objective_for
+from metapeft_dist.tasks import make_family
+from metapeft_dist.tasks.base import Episode, sample_batch
+from metapeft_dist.tree import Meta, Params
+
+LossFn = Callable[[Params, mx.array, mx.array], mx.array]
+
+
+@dataclass
+class Init:
+    """A starting point to adapt from: meta-parameters and the frozen rest."""
+
+    name: str
+    meta: Meta
+    frozen: Params
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    family: object
+    model: Model
+    objective: Objective
+    algorithm: MetaAlgorithm
+    frozen: Params
+    initial_meta: Meta
+    _pretrained: Params | None = field(default=None, repr=False)
+
+    def loss_fn(self, frozen: Params | None = None) -> LossFn:
+        """Task loss of the trainable parameters, the frozen ones closed over."""
+        frozen = self.frozen if frozen is None else frozen
+        model, loss = self.model, self.objective.loss
+        return lambda params, x, y: loss(model({**frozen, **params}, x), y)
+
+    def metric_fn(self) -> Callable[[Params, Params, mx.array, mx.array], mx.array]:
+        """metric(trainable, frozen, x, y)."""
+        model, metric = self.model, self.objective.metric
+        return lambda params, frozen, x, y: metric(model({**frozen, **params}, x), y)
+
+    def episodes(self, split: str, iteration: int, indices, shots: int | None = None,
+                 query: int | None = None) -> Episode:
+        fam = self.spec.family
+        return sample_batch(self.family, self.spec.seed, split, iteration, indices,
+                            fam.shots if shots is None else shots,
+                            fam.query if query is None else query)
+
+    def batch(self, iteration: int, indices=None) -> Task:
+        """The meta-train tasks of ``iteration`` as MLX arrays with a leading task axis."""
+        if indices is None:
+            indices = range(self.spec.algorithm.meta_batch)
+        return to_mx(self.episodes("train", iteration, indices))
+
+    def pretrained(self) -> Params:
+        """All parameters pretrained on the meta-train data (computed once per Job)."""
+        if self._pretrained is None:
+            from metapeft_dist.pretrain import pretrain
+
+            self._pretrained = pretrain(self.model, self.family, self.objective,
+                                        self.spec.model.pretrain, self.spec.seed,
+                                        self.spec.run.compile)
+        return self._pretrained
+
+    def baseline(self, name: str) -> Init:
+        """random: a fresh standard init of the trainable part, same frozen base.
+        pretrained: the pretrained network with a fresh head, split like the job."""
+        if name == "random":
+            fresh = self.model.init(mx.random.key(self.spec.seed + 1))
+            trainable, _ = split_trainable(fresh, self.spec.model.train)
+            return Init("random", self.algorithm.init_meta(trainable), self.frozen)
+        if name == "pretrained":
+            trainable, frozen = split_trainable(self.pretrained(), self.spec.model.train)
+            return Init("pretrained", self.algorithm.init_meta(trainable), frozen)
+        raise ValueError(f"unknown baseline {name!r}")
+
+
+def to_mx(episode: Episode) -> Task:
+    return tuple(mx.array(a) for a in episode.arrays())  # type: ignore[return-value]
+
+
+def build_job(spec: JobSpec) -> Job:
+    family = make_family(spec.family)
+    info = family.info
+    out_dim = 1 if info.kind == "regression" else spec.family.ways
+    model = build_model(spec.model, info.input_shape, out_dim)
+    objective = objective_for(info.kind)
+    algorithm = make_algorithm(spec)
+    job = Job(spec, family, model, objective, algorithm, frozen={}, initial_meta={})
+    params = model.init(mx.random.key(spec.seed))
+    if spec.model.base == "pretrained":
+        base = job.pretrained()
+        # The pretrained weights replace the random ones; adapters stay freshly
+        # initialized (B = 0, so the model starts equal to the pretrained base).
+        params = {**params, **{k: v for k, v in base.items()
+                               if not (is_adapter(k) or is_head(k))}}
+    trainable, frozen = split_trainable(params, spec.model.train)
+    job.frozen = frozen
+    job.initial_meta = algorithm.init_meta(trainable)
+    return job

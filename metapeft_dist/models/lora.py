@@ -1,0 +1,39 @@
+"""LoRA (Hu et al. 2021) on flat parameter dicts.
+
+A layer ``name`` with weight ``name.w`` (out, in) gets ``name.lora_a`` (in, r) and
+``name.lora_b`` (r, out), stored in mlx-lm's layout so adapters export as they are.
+The layer computes ``x W^T + b + scale * (x A) B`` with ``scale = alpha / r``.
+A starts uniform in +-1/sqrt(in) and B at zero, so an adapted model starts equal to
+its base. Conv kernels (out, kh, kw, in) are adapted as the (out, kh*kw*in) matrix
+they multiply im2col patches with, as loralib's ConvLoRA does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from metapeft_dist.tree import Params
+
+LORA_KEYS = ("lora_a", "lora_b")
+
+
+def init_lora(key: mx.array, fan_in: int, fan_out: int, rank: int) -> dict[str, mx.array]:
+    bound = 1.0 / math.sqrt(fan_in)
+    return {
+        "lora_a": mx.random.uniform(-bound, bound, (fan_in, rank), key=key),
+        "lora_b": mx.zeros((rank, fan_out)),
+    }
+
+
+def lora_delta(params: Params, layer: str, scale: float) -> mx.array | None:
+    """scale * A B as an (in, out) matrix, or None if ``layer`` has no adapter."""
+    a = params.get(f"{layer}.lora_a")
+    if a is None:
+        return None
+    return scale * (a @ params[f"{layer}.lora_b"])
+
+
+def is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in LORA_KEYS

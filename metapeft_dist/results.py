@@ -1,0 +1,50 @@
+"""Human-readable views of a run's results.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: float, ci: float, percent: bool) -> str:
+    if percent:
+        return f"{100 * value:5.1f} ± {100 * ci:4.1f}"
+    return f"{value:6.3f} ± {ci:5.3f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The evaluation as a fixed-width table: metric after 0, the inner-loop count and
+    the evaluation's full number of steps, with steps-to-target, per shots and init."""
+    ev = results["evaluation"]
+    percent = ev["metric"] == "accuracy"
+    unit = "accuracy %" if percent else ev["metric"]
+    points = sorted(p for p in {0, ev["inner_steps"], ev["steps"]} if p <= ev["steps"])
+    spec = results["spec"]
+    fam = spec["family"]
+    ways = f"{fam['ways']}-way " if fam.get("ways") else ""
+    lines = [
+        f"{results['job']}: {spec['algorithm']['name']} on {fam['name']} ({ways}"
+        f"{ev['tasks']} meta-test tasks per row), {unit}, mean ± 95% CI",
+    ]
+    header = f"{'shots':>5}  {'init':<10}" + "".join(
+        f"  {f'{p} step' + ('s' if p != 1 else ''):>14}" for p in points) + "  steps to target"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for shots, summary in ev["shots"].items():
+        for name, entry in summary["inits"].items():
+            cells = "".join(f"  {_fmt(entry['mean'][p], entry['ci95'][p], percent):>14}"
+                            for p in points)
+            stt = entry.get("steps_to_target")
+            stt_text = "-" if "steps_to_target" not in entry else (
+                f"{stt}" if stt is not None else f">{ev['steps']}")
+            lines.append(f"{shots:>5}  {name:<10}{cells}  {stt_text:>15}")
+        target = summary.get("target")
+        if target is not None:
+            shown = f"{100 * target:.1f}%" if percent else f"{target:.3f}"
+            lines.append(f"{'':>5}  target: {shown} (random init after {ev['steps']} steps"
+                         " unless eval.target is set)")
+    mt = results["meta_training"]
+    if mt.get("iterations_per_second"):
+        lines.append(f"meta-training: {mt['iterations']} iterations in {mt['seconds']:.1f} s "
+                     f"({mt['iterations_per_second']:.1f} it/s); results in "
+                     f"{results['run_dir']}")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Episodes and keyed task sampling.
+
+A task is identified by ``(seed, split, iteration, index)`` and sampled from a numpy
+generator seeded with exactly that key, so any task can be rebuilt on its own, on any
+machine, without sampling the others: the distributed runtime sends keys, not data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from metapeft_dist.tasks.catalog import SPLITS, FamilyInfo
+
+SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    seed: int
+    split: str
+    iteration: int
+    index: int
+
+    def rng(self) -> np.random.Generator:
+        return task_rng(self.seed, self.split, self.iteration, self.index)
+
+
+def task_rng(seed: int, split: str, iteration: int, index: int) -> np.random.Generator:
+    if min(seed, iteration, index) < 0:
+        raise ValueError(f"task key parts must be >= 0, got {(seed, iteration, index)}")
+    return np.random.default_rng([seed, SPLIT_IDS[split], iteration, index])
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One task (arrays (n, ...)) or a stack of tasks (arrays (tasks, n, ...)).
+
+    Classification labels are int32 class indices in [0, ways); regression targets are
+    float32 of shape (n, 1).
+    """
+
+    support_x: np.ndarray
+    support_y: np.ndarray
+    query_x: np.ndarray
+    query_y: np.ndarray
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.support_x, self.support_y, self.query_x, self.query_y
+
+
+def stack(episodes: Sequence[Episode]) -> Episode:
+    return Episode(*(np.stack(parts) for parts in zip(*(e.arrays() for e in episodes))))
+
+
+class TaskFamily(Protocol):
+    info: FamilyInfo
+    ways: int | None  # None for regression
+
+    def sample(self, key: TaskKey, shots: int, query: int) -> Episode: ...
+
+    def pretrain_batch(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Examples from the meta-train split with labels over all its classes."""
+        ...
+
+    @property
+    def pretrain_outputs(self) -> int: ...
+
+
+def sample_batch(family: TaskFamily, seed: int, split: str, iteration: int,
+                 indices: Sequence[int], shots: int, query: int) -> Episode:
+    """The tasks ``(seed, split, iteration, i)`` for i in ``indices``, stacked."""
+    return stack([family.sample(TaskKey(seed, split, iteration, i), shots, query)
+                  for i in indices])

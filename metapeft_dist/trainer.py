@@ -1,0 +1,120 @@
+"""Meta-training in one process: one (compiled) meta-step per meta-iteration.
+
+A meta-step samples nothing itself: it takes the iteration's batch of tasks (keyed by
+seed and iteration, see tasks/base.py), asks the algorithm for the mean outer gradient
+(vmapped over tasks, or looped), clips it and applies the outer optimizer. With
+``run.compile`` the whole step, optimizer included, is one ``mx.compile``d graph; the
+meta-parameters and optimizer state are its captured state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+from metapeft_dist.algorithms import Task
+from metapeft_dist.algorithms.outer import clip_by_global_norm, make_optimizer
+from metapeft_dist.job import Job
+from metapeft_dist.tree import Meta
+
+
+def total_updates(job: Job) -> int:
+    """Outer-optimizer updates over the whole run (serial Reptile: one per task)."""
+    a = job.spec.algorithm
+    return a.iterations * (1 if job.algorithm.updates_per_batch else a.meta_batch)
+
+
+class MetaTrainer:
+    def __init__(self, job: Job, meta: Meta | None = None,
+                 optimizer_state: dict[str, Any] | None = None):
+        self.job = job
+        self.optimizer = make_optimizer(job.spec.outer, total_updates(job))
+        # New containers around the same arrays: mx.compile swaps the leaves of captured
+        # state for tracers in place, which must not touch the caller's trees.
+        self.holder = {"meta": tree_map(lambda a: a, job.initial_meta if meta is None else meta)}
+        self.optimizer.init(self.holder["meta"])
+        if optimizer_state is not None:
+            self.optimizer.state = optimizer_state
+        self.loss_fn = job.loss_fn()
+        self._steps: dict[Hashable, Callable] = {}
+
+    @property
+    def meta(self) -> Meta:
+        return self.holder["meta"]
+
+    def _step_fn(self, phase: Hashable) -> Callable:
+        if phase in self._steps:
+            return self._steps[phase]
+        spec = self.job.spec
+        algorithm, loss_fn, optimizer = self.job.algorithm, self.loss_fn, self.optimizer
+        holder = self.holder
+        vmap = spec.run.batching == "vmap"
+        clip_norm = spec.outer.clip_norm
+
+        def step(batch: Task, inputs: mx.array):
+            grad, loss = algorithm.batch_grad(holder["meta"], loss_fn, batch, inputs,
+                                              phase, vmap)
+            grad, norm = clip_by_global_norm(grad, clip_norm)
+            holder["meta"] = optimizer.apply_gradients(grad, holder["meta"])
+            return loss, norm
+
+        if spec.run.compile:
+            state = [holder, optimizer.state]
+            step = mx.compile(step, inputs=state, outputs=state)
+        self._steps[phase] = step
+        return step
+
+    def step(self, iteration: int, batch: Task | None = None) -> tuple[float, float]:
+        """One meta-iteration; returns (mean query loss after adaptation, gradient norm)."""
+        algorithm = self.job.algorithm
+        if batch is None:
+            batch = self.job.batch(iteration)
+        fn = self._step_fn(algorithm.phase(iteration))
+        inputs = algorithm.step_inputs(iteration)
+        if algorithm.updates_per_batch:
+            loss, norm = fn(batch, inputs)
+        else:
+            # Serial Reptile: each task, in index order, is its own outer update.
+            n = batch[0].shape[0]
+            losses, norms = [], []
+            for i in range(n):
+                loss_i, norm_i = fn(tuple(part[i:i + 1] for part in batch), inputs)
+                mx.eval(loss_i, norm_i, self.holder, self.optimizer.state)
+                losses.append(loss_i)
+                norms.append(norm_i)
+            loss, norm = mx.mean(mx.stack(losses)), mx.mean(mx.stack(norms))
+        mx.eval(loss, norm, self.holder, self.optimizer.state)
+        return loss.item(), norm.item()
+
+
+class Prefetcher:
+    """Samples the next iteration's tasks on a thread while the current one computes.
+
+    Sampling is numpy (it releases the GIL in its inner loops) and keyed by iteration,
+    so prefetching changes timing only, never which tasks an iteration sees.
+    """
+
+    def __init__(self, job: Job, start: int, stop: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.job, self.stop = job, stop
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-sampler")
+        self._next = self._submit(start)
+
+    def _submit(self, iteration: int):
+        if iteration >= self.stop:
+            return None
+        indices = range(self.job.spec.algorithm.meta_batch)
+        return self._pool.submit(self.job.episodes, "train", iteration, indices)
+
+    def batch(self, iteration: int) -> Task:
+        from metapeft_dist.job import to_mx
+
+        episode = self._next.result()
+        self._next = self._submit(iteration + 1)
+        return to_mx(episode)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs what metapeft needs: system packages (Debian/Ubuntu: OpenBLAS; macOS: none),
+# then a virtual environment in .venv with the project and its test tools.
+# Idempotent; `make run`, `make test` and `make bench` call it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+
+# System packages on Linux (apt). Each entry: a file that proves the package is there,
+# and the package that provides it.
+APT_NEEDS=(
+  "/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0 libopenblas0-pthread"
+)
+
+install_apt() {
+  local missing=()
+  for need in "${APT_NEEDS[@]}"; do
+    read -r path pkg <<<"$need"
+    [ -e "$path" ] || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: please install ${missing[*]} with your package manager (no apt-get here)" >&2
+    return 0
+  fi
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "setup: not root and no sudo; install ${missing[*]} yourself" >&2
+      return 0
+    fi
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "${missing[@]}" >/dev/null; }
+}
+
+case "$(uname -s)" in
+  Linux) install_apt ;;
+  Darwin) ;;  # MLX uses Accelerate and Metal; nothing to install
+esac
+
+pick_python() {
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "setup: Python >= 3.11 is required" >&2
+  exit 1
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$(pick_python)" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import metapeft_dist, mlx.core, ray, sklearn" \
+  || { echo "setup: the install is incomplete" >&2; exit 1; }

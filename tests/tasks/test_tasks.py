@@ -1,0 +1,113 @@
+"""tasks/: the catalog matches the data; a task is a pure function of its key; episodes
+have the N-way K-shot shape; splits are disjoint; each family has its stated law."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metapeft_dist.tasks import make_family
+from metapeft_dist.tasks.base import TaskKey, sample_batch
+from metapeft_dist.tasks.catalog import FAMILIES
+from metapeft_dist.tasks.digits import SPLIT_DIGITS, load_classes, split_classes
+from metapeft_dist.tasks.gaussian import Gaussian
+from metapeft_dist.tasks.sinusoid import Sinusoid
+
+
+class _Spec:
+    def __init__(self, name, ways=None):
+        self.name, self.ways = name, ways
+
+
+FAMS = {"sinusoid": make_family(_Spec("sinusoid")), "gaussian": make_family(_Spec("gaussian", 2)),
+        "digits": make_family(_Spec("digits", 5))}
+
+
+def test_digits_catalog_matches_the_data():
+    classes = load_classes()
+    info = FAMILIES["digits"]
+    assert min(len(v) for v in classes.values()) == info.min_class_size
+    for split, count in info.classes_per_split.items():
+        assert len(split_classes(split)) == count
+    assert next(iter(classes.values())).shape[1:] == info.input_shape
+    all_images = np.concatenate(list(classes.values()))
+    assert all_images.min() == 0.0 and all_images.max() == 1.0
+
+
+def test_digit_splits_are_disjoint_by_digit():
+    digits = [set(SPLIT_DIGITS[s]) for s in ("train", "val", "test")]
+    assert not (digits[0] & digits[1]) and not (digits[0] & digits[2]) and not (digits[1] & digits[2])
+    assert set().union(*digits) == set(range(10))
+
+
+@pytest.mark.parametrize("name", ["sinusoid", "gaussian", "digits"])
+def test_task_is_a_function_of_its_key(name):
+    fam = FAMS[name]
+    key = TaskKey(3, "train", 17, 4)
+    a, b = fam.sample(key, 2, 3), fam.sample(key, 2, 3)
+    for x, y in zip(a.arrays(), b.arrays()):
+        np.testing.assert_array_equal(x, y)
+    batch = sample_batch(fam, 3, "train", 17, [2, 3, 4, 5], 2, 3)
+    np.testing.assert_array_equal(batch.support_x[2], a.support_x)  # index 4 at position 2
+    other = fam.sample(TaskKey(3, "train", 18, 4), 2, 3)
+    assert not np.array_equal(other.query_x, a.query_x)
+    other_split = fam.sample(TaskKey(3, "test", 17, 4), 2, 3)
+    assert not np.array_equal(other_split.query_x, a.query_x)
+
+
+@pytest.mark.parametrize("name,ways", [("gaussian", 2), ("digits", 5)])
+def test_classification_episode_shape(name, ways):
+    fam = FAMS[name]
+    ep = fam.sample(TaskKey(0, "train", 0, 0), 3, 4)
+    shape = FAMILIES[name].input_shape
+    assert ep.support_x.shape == (ways * 3, *shape) and ep.query_x.shape == (ways * 4, *shape)
+    assert ep.support_x.dtype == np.float32 and ep.support_y.dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(ep.support_y), [3] * ways)
+    np.testing.assert_array_equal(np.bincount(ep.query_y), [4] * ways)
+
+
+def test_digits_episode_uses_only_its_split_and_distinct_images():
+    classes = load_classes()
+    lookup = {}
+    for cls, images in classes.items():
+        for img in images:
+            lookup.setdefault(img.tobytes(), set()).add(cls[0])
+    for split in ("train", "val", "test"):
+        for i in range(20):
+            ep = FAMS["digits"].sample(TaskKey(0, split, 0, i), 2, 3)
+            images = np.concatenate([ep.support_x, ep.query_x])
+            digits = set().union(*(lookup[img.tobytes()] for img in images))
+            assert digits <= set(SPLIT_DIGITS[split])
+            # support and query never share an image within a class
+            assert len({img.tobytes() for img in images}) == len(images) or split == "train"
+
+
+def test_sinusoid_law():
+    rng = np.random.default_rng(0)
+    x, y, amplitude, phase = Sinusoid.draw(rng, 50)
+    np.testing.assert_allclose(y, amplitude * np.sin(x - phase), rtol=1e-5, atol=1e-5)
+    ep = FAMS["sinusoid"].sample(TaskKey(0, "test", 0, 0), 10, 100)
+    assert ep.support_x.shape == (10, 1) and ep.query_y.shape == (100, 1)
+    assert np.abs(ep.query_x).max() <= 5.0 and np.abs(ep.query_y).max() <= 5.0
+
+
+def test_gaussian_classes_differ_only_in_the_first_two_coordinates():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        means, stds = Gaussian.draw_task(rng)
+        diff = means[1] - means[0]
+        np.testing.assert_allclose(diff[2:], 0.0)
+        assert 1.0 <= np.linalg.norm(diff[:2]) <= 4.0
+        assert ((0.5 <= stds) & (stds <= 1.5)).all()
+    # The sampled points follow their task's law.
+    means, stds = Gaussian.draw_task(np.random.default_rng(2))
+    x, y = Gaussian.draw_points(np.random.default_rng(3), means, stds, 20000)
+    for c in (0, 1):
+        np.testing.assert_allclose(x[y == c].mean(0), means[c], atol=0.05)
+        np.testing.assert_allclose(x[y == c].std(0), stds[c], rtol=0.05)
+
+
+def test_pretrain_batches_cover_all_meta_train_classes():
+    x, y = FAMS["digits"].pretrain_batch(np.random.default_rng(0), 2000)
+    assert set(y.tolist()) == set(range(FAMS["digits"].pretrain_outputs))
+    assert x.shape == (2000, 8, 8, 1)

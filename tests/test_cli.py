@@ -1,0 +1,94 @@
+"""cli.py: one line and exit 2 for every bad input, no traceback; the CLI does not
+import mlx or ray to show help; a run prints its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import JOBS
+
+METAPEFT = [sys.executable, "-m", "metapeft_dist.cli"]
+
+
+def _cli(*args, cwd=None, timeout=300):
+    return subprocess.run([*METAPEFT, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def test_help_does_not_import_mlx_or_ray():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom metapeft_dist.cli import main\n"
+            "r = CliRunner().invoke(main, ['--help'])\nassert r.exit_code == 0, r.output\n"
+            "bad = [m for m in ('mlx.core', 'ray', 'numpy') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+GOOD = "family: {name: sinusoid}\nalgorithm: {name: maml}\n"
+BAD_SPECS = {
+    "unknown_algorithm.yaml": ("family: {name: sinusoid}\nalgorithm: {name: sgd}\n",
+                               "algorithm.name"),
+    "unknown_family.yaml": ("family: {name: omniglot}\nalgorithm: {name: maml}\n", "family.name"),
+    "negative_lr.yaml": (GOOD + "inner: {lr: -0.1}\n", "inner.lr: must be > 0, got -0.1"),
+    "text_lr.yaml": (GOOD + "outer: {lr: fast}\n", "outer.lr: must be a number"),
+    "too_many_shots.yaml": ("family: {name: digits, shots: 100, query: 100}\n"
+                            "algorithm: {name: maml}\n", "family.shots"),
+    "unknown_key.yaml": (GOOD + "inner: {learning_rate: 0.1}\n", "inner.learning_rate"),
+    "wrong_type.yaml": (GOOD + "algorithm: {name: maml, meta_batch: [1]}\n", None),
+    "empty.yaml": ("", "is empty"),
+    "broken.yaml": ("family: [\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SPECS))
+def test_bad_spec_one_line_exit_2(tmp_path, name):
+    text, phrase = BAD_SPECS[name]
+    path = tmp_path / name
+    path.write_text(text)
+    out = _cli("run", str(path), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    if phrase:
+        assert phrase in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written for a bad spec
+
+
+def test_missing_spec_and_bad_override(tmp_path):
+    out = _cli("run", str(tmp_path / "missing.yaml"))
+    assert out.returncode == 2 and "not found" in out.stderr
+    out = _cli("run", str(JOBS / "quickstart.yaml"), "--set", "inner.lr=oops")
+    assert out.returncode == 2 and "inner.lr: must be a number" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_validate_lists_every_error_and_json(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text(GOOD + "inner: {lr: -1, steps: 0}\n")
+    out = _cli("validate", str(path))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: inner.steps: must be >= 1, got 0", "error: inner.lr: must be > 0, got -1.0"]
+    out = _cli("validate", "--json", str(path))
+    assert json.loads(out.stdout)["errors"] == ["inner.steps: must be >= 1, got 0",
+                                                "inner.lr: must be > 0, got -1.0"]
+    out = _cli("validate", str(JOBS / "quickstart.yaml"))
+    assert out.returncode == 0 and "valid" in out.stdout
+
+
+def test_run_prints_the_results_table(tmp_path, tiny_spec_text):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(tiny_spec_text)
+    out = _cli("run", str(spec), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    assert "steps to target" in out.stdout and "random" in out.stdout
+    assert (tmp_path / "run" / "results.json").is_file()
+    out = _cli("run", str(spec), "--run-dir", str(tmp_path / "run2"), "--json")
+    assert json.loads(out.stdout)["evaluation"]["metric"] == "mse"
