@@ -94,12 +94,19 @@ class FamilySpec:
     query: int = _help(
         "query examples per class (classification) or per task (regression)", default=15
     )
+    augment: bool = _help(
+        "digits: shift each class of a meta-train episode by a random whole pixel (one "
+        "of 9 offsets), making new class variants against meta-overfitting",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         with _Checks() as check:
             info = FAMILIES[self.name]
             check(self.shots >= 1, "shots", f"must be >= 1, got {self.shots}")
             check(self.query >= 1, "query", f"must be >= 1, got {self.query}")
+            check(not self.augment or info.image, "augment",
+                  f"augmentation applies to image families, not {self.name}")
             if info.kind == "regression":
                 check(self.ways is None, "ways", f"{self.name} is a regression family; remove ways")
                 return
@@ -322,6 +329,11 @@ class EvalSpec:
                        default=10)
     every: int = _help("meta-validate every N iterations; 0: never", default=500)
     val_tasks: int = _help("meta-validation tasks", default=100)
+    select: Literal["best", "last"] = _help(
+        "which init is evaluated: the one with the best meta-validation metric (early "
+        "stopping), or the last; 'best' needs every > 0",
+        default="best",
+    )
     baselines: tuple[Literal["random", "pretrained"], ...] = _help(
         "inits to compare the meta-learned one against: random (a fresh standard init, "
         "same frozen base) and pretrained (trained on all meta-train data, then fine-tuned)",
@@ -344,6 +356,8 @@ class EvalSpec:
             check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
             check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
             check(self.val_tasks >= 1, "val_tasks", f"must be >= 1, got {self.val_tasks}")
+            check(self.select == "last" or self.every > 0, "select",
+                  "best needs meta-validation (every > 0); use select: last")
             check(len(set(self.baselines)) == len(self.baselines), "baselines",
                    f"has duplicates: {list(self.baselines)}")
             check(self.chunk >= 1, "chunk", f"must be >= 1, got {self.chunk}")
@@ -657,6 +671,10 @@ def _type_label(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "section"
     return {int: "integer", float: "number", bool: "boolean", str: "string"}.get(tp, str(tp))
+
+
+if __name__ == "__main__":  # python -m metapeft_dist.config > docs/job-spec.md
+    print(reference())
 
 
 __all__ = ["ConfigError", "JobSpec", "load_spec", "parse_spec", "from_dict", "reference",

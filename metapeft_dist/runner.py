@@ -23,6 +23,7 @@ from metapeft_dist.evaluate import Evaluator, summarize
 from metapeft_dist.job import Init, Job, build_job
 from metapeft_dist.runtime.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
 from metapeft_dist.trainer import MetaTrainer, Prefetcher
+from metapeft_dist.tree import Meta
 
 # on_progress(stage, done, total, info): stages "setup", "meta-train", "evaluate", "done".
 Progress = Callable[[str, int, int, dict[str, Any]], None]
@@ -55,8 +56,8 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet) -> dic
     started = time.time()
     job = build_job(spec)
     trainer = MetaTrainer(job)
-    training = meta_train(job, trainer, run_dir / "checkpoints", on_progress)
-    evaluation = evaluate_job(job, trainer.meta, on_progress)
+    training, selected = meta_train(job, trainer, run_dir / "checkpoints", on_progress)
+    evaluation = evaluate_job(job, selected, on_progress)
     results = {
         "job": spec.name,
         "run_dir": str(run_dir),
@@ -72,8 +73,15 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet) -> dic
 
 
 def meta_train(job: Job, trainer: MetaTrainer, checkpoint_dir: Path,
-               on_progress: Progress = _quiet, start: int = 0) -> dict[str, Any]:
+               on_progress: Progress = _quiet, start: int = 0) -> tuple[dict[str, Any], Meta]:
+    """Meta-train from iteration ``start``; returns (summary, the selected meta-parameters).
+
+    With ``eval.select: best`` the selected init is the one with the best meta-validation
+    metric (also saved as checkpoints/best.safetensors), else the last one.
+    """
     spec = job.spec
+    better = (lambda a, b: a > b) if job.objective.higher_is_better else (lambda a, b: a < b)
+    best: tuple[int, float, Meta] | None = None
     iterations = spec.algorithm.iterations
     every_val, every_ckpt = spec.eval.every, spec.checkpoint.every
     log_every = max(1, iterations // 200)
@@ -103,6 +111,12 @@ def meta_train(job: Job, trainer: MetaTrainer, checkpoint_dir: Path,
                 metric = validate(job, validator, trainer)
                 validation.append({"iteration": done, job.objective.metric_name: metric})
                 info["val"] = metric
+                if spec.eval.select == "best" and (best is None or better(metric, best[1])):
+                    best = (done, metric, trainer.meta)
+                    save_checkpoint(checkpoint_dir / "best.safetensors", done, trainer.meta,
+                                    trainer.optimizer.state, job.frozen,
+                                    {"job": spec.name, "algorithm": job.algorithm.name,
+                                     "val": metric})
             if every_ckpt and done % every_ckpt == 0 and done < iterations:
                 save(job, trainer, checkpoint_dir, done)
             on_progress("meta-train", done, iterations, info)
@@ -110,6 +124,7 @@ def meta_train(job: Job, trainer: MetaTrainer, checkpoint_dir: Path,
         prefetch.close()
     final = save(job, trainer, checkpoint_dir, iterations)
     trained = iterations - start
+    selected_iteration, selected = (best[0], best[2]) if best else (iterations, trainer.meta)
     return {
         "iterations": iterations,
         "seconds": seconds,
@@ -118,7 +133,9 @@ def meta_train(job: Job, trainer: MetaTrainer, checkpoint_dir: Path,
         "curve": curve,
         "validation": validation,
         "checkpoint": str(final),
-    }
+        "selected_iteration": selected_iteration,
+        "selected_checkpoint": str(checkpoint_dir / "best.safetensors") if best else str(final),
+    }, selected
 
 
 def validate(job: Job, validator: Evaluator, trainer: MetaTrainer) -> float:

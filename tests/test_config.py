@@ -95,6 +95,7 @@ BAD = [
     (MINIMAL + "outer: {lr: 0.1, end_lr: 0.5}", "outer.end_lr", "must be in [0, lr"),
     (MINIMAL + "eval: {baselines: [random, random]}", "eval.baselines", "duplicates"),
     (MINIMAL + "eval: {baselines: [finetuned]}", "eval.baselines[0]", "must be one of"),
+    (MINIMAL + "eval: {every: 0}", "eval.select", "best needs meta-validation"),
     (MINIMAL + "name: 'my job!'", "name", "letters, digits"),
     (MINIMAL + "seed: -1", "seed", "must be >= 0"),
     ("algorithm: {name: maml}", "family", "missing (required)"),
@@ -201,3 +202,11 @@ def test_fuzz_parse_spec_text(text):
         assert err.errors
     else:
         assert isinstance(spec, JobSpec)
+
+
+def test_docs_reference_is_current():
+    from conftest import ROOT
+
+    page = (ROOT / "docs" / "job-spec.md").read_text()
+    assert page.strip() == config.reference().strip(), (
+        "docs/job-spec.md is stale: python -m metapeft_dist.config > docs/job-spec.md")

@@ -30,6 +30,11 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text):
                                          "head.w", "head.b"}
     mt = results["meta_training"]
     assert [v["iteration"] for v in mt["validation"]] == [10, 20, 30]
+    # eval.select: best evaluates the init with the lowest meta-validation MSE.
+    best = min(mt["validation"], key=lambda v: v["mse"])
+    assert mt["selected_iteration"] == best["iteration"]
+    chosen = load_checkpoint(mt["selected_checkpoint"])
+    assert chosen.iteration == best["iteration"] and chosen.info["val"] == best["mse"]
     assert mt["curve"][-1]["iteration"] == 30
     ev = results["evaluation"]
     assert ev["metric"] == "mse" and ev["tasks"] == 8
@@ -43,7 +48,8 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text):
 
 
 def test_final_checkpoint_equals_an_identical_rerun(tmp_path, tiny_spec_text):
-    spec = parse_spec(tiny_spec_text, overrides=["eval.every=0", "checkpoint.every=0"])
+    spec = parse_spec(tiny_spec_text, overrides=["eval.every=0", "eval.select=last",
+                                                 "checkpoint.every=0"])
     a = run_job(spec, tmp_path / "a")
     b = run_job(spec, tmp_path / "b")
     ma = load_checkpoint(a["meta_training"]["checkpoint"]).meta["params"]

@@ -19,5 +19,5 @@ def make_family(spec):
     if spec.name == "digits":
         from metapeft_dist.tasks.digits import Digits
 
-        return Digits(spec.ways)
+        return Digits(spec.ways, spec.augment)
     raise ValueError(f"unknown task family {spec.name!r}")

@@ -47,11 +47,21 @@ def split_classes(split: str) -> list[tuple[int, int]]:
     return [(d, r) for d in SPLIT_DIGITS[split] for r in rotations(d)]
 
 
+def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Images (n, H, W, C) moved by (dy, dx) whole pixels, zero-filled."""
+    out = np.zeros_like(images)
+    h, w = images.shape[1:3]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        images[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 class Digits:
     info = FAMILIES["digits"]
 
-    def __init__(self, ways: int):
+    def __init__(self, ways: int, augment: bool = False):
         self.ways = ways
+        self.augment = augment
         self.classes = load_classes()
         self.pretrain_outputs = len(split_classes("train"))
 
@@ -63,8 +73,14 @@ class Digits:
         for cls in chosen:
             images = self.classes[pool[cls]]
             picks = rng.choice(len(images), size=shots + query, replace=False)
-            support_x.append(images[picks[:shots]])
-            query_x.append(images[picks[shots:]])
+            chosen_images = images[picks]
+            if self.augment and key.split == "train":
+                # One shift for the whole class: a new variant of the class, not noise
+                # within it (task augmentation against meta-overfitting).
+                dy, dx = rng.integers(-1, 2, size=2)
+                chosen_images = shift(chosen_images, int(dy), int(dx))
+            support_x.append(chosen_images[:shots])
+            query_x.append(chosen_images[shots:])
         labels = np.arange(self.ways, dtype=np.int32)
         return Episode(
             np.concatenate(support_x), np.repeat(labels, shots),

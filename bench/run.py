@@ -1,0 +1,179 @@
+"""`make bench`: the speed and quality figures the acceptance criteria name, measured in
+one run on this machine, printed as tables and saved to .bench/bench-TIMESTAMP.json.
+
+    python bench/run.py                  # every section
+    python bench/run.py speed sinusoid   # some sections
+
+Sections:
+  blas      1024x1024 float32 matmul: MLX's bundled BLAS vs OpenBLAS (median of 5)
+  speed     sinusoid second-order MAML (K=10, meta-batch 25, 1 inner step) meta-iterations
+            per second: per-task loop vs mx.vmap vs mx.compile vs both (median of 3)
+  sinusoid  jobs/sinusoid-maml.yaml end to end: MSE after 1 and 10 steps, 600 tasks
+  digits    jobs/digits-*.yaml, five algorithms: 1-shot gain over random init and
+            5-shot accuracy after the inner-loop step count, with 95% CIs
+  gaussian  jobs/gaussian-*.yaml: accuracy with 5 examples per class
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import metapeft_dist  # noqa: E402,F401  (loads OpenBLAS before mlx)
+from metapeft_dist.config import load_spec  # noqa: E402
+from metapeft_dist.job import build_job  # noqa: E402
+from metapeft_dist.runner import meta_train, run_job  # noqa: E402
+from metapeft_dist.trainer import MetaTrainer  # noqa: E402
+
+OUT = ROOT / ".bench"
+REFERENCE_ITERATIONS_PER_SECOND = 42.0  # the PyTorch library on this setup (issue text)
+ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd", "mamlpp")
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+
+
+def bench_blas() -> dict:
+    code = ("import time, metapeft_dist, mlx.core as mx\n"
+            "a = mx.random.normal((1024, 1024)); mx.eval(a @ a)\n"
+            "ts = []\n"
+            "for _ in range(5):\n"
+            "    t = time.perf_counter(); mx.eval(a @ a); ts.append(time.perf_counter() - t)\n"
+            "print(sorted(ts)[2])\n")
+    out = {}
+    for label, env in (("bundled", {"METAPEFT_OPENBLAS": "off"}), ("openblas", {})):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, **env), check=True)
+        out[label] = float(run.stdout.strip())
+    out["speedup"] = out["bundled"] / out["openblas"]
+    print(f"matmul 1024^3 float32: bundled BLAS {1000 * out['bundled']:.1f} ms, "
+          f"OpenBLAS {1000 * out['openblas']:.1f} ms ({out['speedup']:.1f}x)")
+    return out
+
+
+def bench_speed() -> dict:
+    base = ROOT / "jobs" / "sinusoid-maml.yaml"
+    variants = [("loop", "false", 150), ("vmap", "false", 600), ("loop", "true", 150),
+                ("vmap", "true", 1500)]
+    out = {}
+    print(f"{'batching':<10}{'compile':<9}{'it/s (median of 3)':>20}{'x reference':>13}")
+    for batching, compiled, iterations in variants:
+        rates = []
+        for repeat in range(3):
+            spec = load_spec(base, [f"run.batching={batching}", f"run.compile={compiled}",
+                                    f"algorithm.iterations={iterations}", "eval.every=0",
+                                    "eval.select=last", "checkpoint.every=0"])
+            job = build_job(spec)
+            trainer = MetaTrainer(job)
+            for i in range(10):  # warm-up: compilation, caches
+                trainer.step(i)
+            summary, _ = meta_train(job, trainer, OUT / "tmp-ckpt")
+            rates.append(summary["iterations_per_second"])
+        rate = statistics.median(rates)
+        key = f"{batching}{'+compile' if compiled == 'true' else ''}"
+        out[key] = {"iterations_per_second": rate, "runs": rates}
+        print(f"{batching:<10}{compiled:<9}{rate:>20.1f}{rate / REFERENCE_ITERATIONS_PER_SECOND:>12.1f}x",
+              flush=True)
+    best = max(out, key=lambda k: out[k]["iterations_per_second"])
+    print(f"fastest: {best}; vs the per-task loop: "
+          f"{out[best]['iterations_per_second'] / out['loop']['iterations_per_second']:.1f}x; "
+          f"target >= {5 * REFERENCE_ITERATIONS_PER_SECOND:.0f} it/s")
+    return out
+
+
+def _run(spec_path: Path, overrides=()) -> dict:
+    spec = load_spec(spec_path, overrides)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return run_job(spec, OUT / "runs" / f"{spec.name}-{stamp}")
+
+
+def _at(summary: dict, init: str, step: int) -> tuple[float, float]:
+    entry = summary["inits"][init]
+    return entry["mean"][step], entry["ci95"][step]
+
+
+def bench_sinusoid() -> dict:
+    results = _run(ROOT / "jobs" / "sinusoid-maml.yaml")
+    s10 = results["evaluation"]["shots"]["10"]
+    (m1, c1), (m10, c10) = _at(s10, "meta", 1), _at(s10, "meta", 10)
+    rate = results["meta_training"]["iterations_per_second"]
+    print(f"K=10, 600 tasks x 100 query points: MSE after 1 step {m1:.3f} ± {c1:.3f} "
+          f"(target <= 0.55), after 10 steps {m10:.3f} ± {c10:.3f} (target <= 0.15); "
+          f"meta-training {rate:.0f} it/s")
+    return {"mse_1_step": [m1, c1], "mse_10_steps": [m10, c10], "iterations_per_second": rate,
+            "run_dir": results["run_dir"]}
+
+
+def bench_digits() -> dict:
+    out = {}
+    print(f"{'algorithm':<10}{'k':>3}{'1-shot meta':>15}{'1-shot random':>15}"
+          f"{'gain (paired)':>15}{'5-shot meta':>14}{'5-shot @10':>13}{'minutes':>9}")
+    for name in ALGORITHMS:
+        t0 = time.time()
+        results = _run(ROOT / "jobs" / f"digits-{name}.yaml")
+        ev = results["evaluation"]
+        k = ev["inner_steps"]
+        one, five = ev["shots"]["1"], ev["shots"]["5"]
+        m1, r1 = _at(one, "meta", k), _at(one, "random", k)
+        gain = (one["gain_over"]["random"]["mean"][k], one["gain_over"]["random"]["ci95"][k])
+        m5, m5_10 = _at(five, "meta", k), _at(five, "meta", ev["steps"])
+        out[name] = {"k": k, "one_shot_meta": m1, "one_shot_random": r1, "one_shot_gain": gain,
+                     "five_shot_meta": m5, "five_shot_meta_10_steps": m5_10,
+                     "selected_iteration": results["meta_training"]["selected_iteration"],
+                     "run_dir": results["run_dir"]}
+        pct = lambda v: f"{100 * v[0]:.1f}±{100 * v[1]:.1f}"  # noqa: E731
+        print(f"{name:<10}{k:>3}{pct(m1):>15}{pct(r1):>15}{pct(gain):>15}{pct(m5):>14}"
+              f"{pct(m5_10):>13}{(time.time() - t0) / 60:>9.1f}", flush=True)
+    print("targets: 1-shot gain >= 20 points, 5-shot >= 80%, both after k steps (the "
+          "inner-loop count the init was meta-trained for)")
+    return out
+
+
+def bench_gaussian() -> dict:
+    out = {}
+    for path in sorted((ROOT / "jobs").glob("gaussian-*.yaml")):
+        results = _run(path)
+        ev = results["evaluation"]
+        k = ev["inner_steps"]
+        five = ev["shots"]["5"]
+        m, r = _at(five, "meta", k), _at(five, "random", k)
+        m10 = _at(five, "meta", ev["steps"])
+        out[path.stem] = {"k": k, "meta": m, "random": r, "meta_10_steps": m10}
+        print(f"{path.stem}: 5 examples per class, after {k} steps: meta {100 * m[0]:.1f} ± "
+              f"{100 * m[1]:.1f}%, random {100 * r[0]:.1f} ± {100 * r[1]:.1f}%; after "
+              f"{ev['steps']} steps: meta {100 * m10[0]:.1f}% (target >= 70%)", flush=True)
+    return out
+
+
+SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
+            "digits": bench_digits, "gaussian": bench_gaussian}
+
+
+def main(argv: list[str]) -> None:
+    chosen = argv or list(SECTIONS)
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    OUT.mkdir(exist_ok=True)
+    report = {"started": datetime.now().isoformat(), "machine": os.uname().nodename,
+              "cpus": os.cpu_count()}
+    for name in chosen:
+        section(name)
+        report[name] = SECTIONS[name]()
+    path = OUT / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
