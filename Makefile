@@ -17,6 +17,7 @@ run: install
 	$(BIN)/metapeft run jobs/quickstart.yaml
 
 test: install
+	$(BIN)/ruff check metapeft_dist tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: install

@@ -69,7 +69,7 @@ def bench_speed() -> dict:
     print(f"{'batching':<10}{'compile':<9}{'it/s (median of 3)':>20}{'x reference':>13}")
     for batching, compiled, iterations in variants:
         rates = []
-        for repeat in range(3):
+        for _ in range(3):
             spec = load_spec(base, [f"run.batching={batching}", f"run.compile={compiled}",
                                     f"algorithm.iterations={iterations}", "eval.every=0",
                                     "eval.select=last", "checkpoint.every=0"])
@@ -82,8 +82,8 @@ def bench_speed() -> dict:
         rate = statistics.median(rates)
         key = f"{batching}{'+compile' if compiled == 'true' else ''}"
         out[key] = {"iterations_per_second": rate, "runs": rates}
-        print(f"{batching:<10}{compiled:<9}{rate:>20.1f}{rate / REFERENCE_ITERATIONS_PER_SECOND:>12.1f}x",
-              flush=True)
+        ratio = rate / REFERENCE_ITERATIONS_PER_SECOND
+        print(f"{batching:<10}{compiled:<9}{rate:>20.1f}{ratio:>12.1f}x", flush=True)
     best = max(out, key=lambda k: out[k]["iterations_per_second"])
     print(f"fastest: {best}; vs the per-task loop: "
           f"{out[best]['iterations_per_second'] / out['loop']['iterations_per_second']:.1f}x; "

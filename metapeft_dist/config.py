@@ -192,7 +192,8 @@ class ModelSpec:
             check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden",
                    f"must be a non-empty list of positive widths, got {list(self.hidden)}")
             check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "channels",
-                   f"must be a non-empty list of positive channel counts, got {list(self.channels)}")
+                  f"must be a non-empty list of positive channel counts, "
+                  f"got {list(self.channels)}")
             check(self.train != "lora" or self.lora is not None, "train",
                    "train: lora needs a model.lora section")
 

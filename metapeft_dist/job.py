@@ -50,11 +50,6 @@ class Job:
         model, loss = self.model, self.objective.loss
         return lambda params, x, y: loss(model({**frozen, **params}, x), y)
 
-    def metric_fn(self) -> Callable[[Params, Params, mx.array, mx.array], mx.array]:
-        """metric(trainable, frozen, x, y)."""
-        model, metric = self.model, self.objective.metric
-        return lambda params, frozen, x, y: metric(model({**frozen, **params}, x), y)
-
     def episodes(self, split: str, iteration: int, indices, shots: int | None = None,
                  query: int | None = None) -> Episode:
         fam = self.spec.family

@@ -23,7 +23,7 @@ from metapeft_dist.evaluate import Evaluator, summarize
 from metapeft_dist.job import Init, Job, build_job
 from metapeft_dist.runtime.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
 from metapeft_dist.trainer import MetaTrainer, Prefetcher
-from metapeft_dist.tree import Meta
+from metapeft_dist.tree import Meta, num_elements
 
 # on_progress(stage, done, total, info): stages "setup", "meta-train", "evaluate", "done".
 Progress = Callable[[str, int, int, dict[str, Any]], None]
@@ -64,6 +64,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet) -> dic
         "created": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "seconds": time.time() - started,
         "spec": spec.to_dict(),
+        "meta_parameters": num_elements(job.initial_meta),
         "meta_training": training,
         "evaluation": evaluation,
     }
@@ -112,7 +113,7 @@ def meta_train(job: Job, trainer: MetaTrainer, checkpoint_dir: Path,
                 validation.append({"iteration": done, job.objective.metric_name: metric})
                 info["val"] = metric
                 if spec.eval.select == "best" and (best is None or better(metric, best[1])):
-                    best = (done, metric, trainer.meta)
+                    best = (done, metric, trainer.snapshot())
                     save_checkpoint(checkpoint_dir / "best.safetensors", done, trainer.meta,
                                     trainer.optimizer.state, job.frozen,
                                     {"job": spec.name, "algorithm": job.algorithm.name,

@@ -42,7 +42,13 @@ class MetaTrainer:
 
     @property
     def meta(self) -> Meta:
+        """The current meta-parameters. The containers are the trainer's own: the next
+        compiled step overwrites their leaves in place, so keep :meth:`snapshot`s."""
         return self.holder["meta"]
+
+    def snapshot(self) -> Meta:
+        """The current meta-parameters in new containers, safe to keep across steps."""
+        return tree_map(lambda a: a, self.holder["meta"])
 
     def _step_fn(self, phase: Hashable) -> Callable:
         if phase in self._steps:

@@ -68,7 +68,3 @@ def select(params: Params, keep: Callable[[str], bool]) -> tuple[Params, Params]
 
 def num_elements(tree: Mapping[str, Any]) -> int:
     return sum(int(v.size) for v in flatten(tree).values())
-
-
-def num_bytes(tree: Mapping[str, Any]) -> int:
-    return sum(int(v.nbytes) for v in flatten(tree).values())

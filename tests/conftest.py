@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import metapeft_dist  # noqa: F401  (must precede mlx)
@@ -11,7 +10,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
 
-os.environ.setdefault("HYPOTHESIS_PROFILE", "ci")
 
 
 @pytest.fixture

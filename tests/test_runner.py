@@ -35,6 +35,7 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text):
     assert mt["selected_iteration"] == best["iteration"]
     chosen = load_checkpoint(mt["selected_checkpoint"])
     assert chosen.iteration == best["iteration"] and chosen.info["val"] == best["mse"]
+
     assert mt["curve"][-1]["iteration"] == 30
     ev = results["evaluation"]
     assert ev["metric"] == "mse" and ev["tasks"] == 8
@@ -45,6 +46,24 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text):
     assert {"setup", "meta-train", "evaluate", "done"} <= set(seen)
     table = format_table(results)
     assert "meta" in table and "random" in table and "steps to target" in table
+
+
+def test_the_selected_init_is_the_best_validated_one(tmp_path, tiny_spec_text):
+    from metapeft_dist.job import build_job
+    from metapeft_dist.runner import meta_train
+    from metapeft_dist.trainer import MetaTrainer
+
+    spec = parse_spec(tiny_spec_text, overrides=["eval.every=5"])
+    job = build_job(spec)
+    summary, selected = meta_train(job, MetaTrainer(job), tmp_path / "ckpt")
+    best = load_checkpoint(tmp_path / "ckpt" / "best.safetensors")
+    assert summary["selected_iteration"] == best.iteration
+    assert best.iteration != spec.algorithm.iterations  # this run peaks before its end
+    final = load_checkpoint(summary["checkpoint"])
+    for name, value in selected["params"].items():
+        assert mx.array_equal(value, best.meta["params"][name])
+    assert any(not mx.array_equal(selected["params"][n], final.meta["params"][n])
+               for n in selected["params"])
 
 
 def test_final_checkpoint_equals_an_identical_rerun(tmp_path, tiny_spec_text):

@@ -33,7 +33,7 @@ def init_mlp(key: mx.array, in_dim: int, hidden: tuple[int, ...], out_dim: int,
     widths = (in_dim, *hidden)
     keys = mx.random.split(key, 2 * len(hidden) + 1)
     params: Params = {}
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         params.update(init_linear(keys[2 * i], f"hidden{i}", fan_in, fan_out))
         if lora_rank:
             lora = init_lora(keys[2 * i + 1], fan_in, fan_out, lora_rank)

@@ -52,7 +52,8 @@ class Episode:
 
 
 def stack(episodes: Sequence[Episode]) -> Episode:
-    return Episode(*(np.stack(parts) for parts in zip(*(e.arrays() for e in episodes))))
+    parts = zip(*(e.arrays() for e in episodes), strict=True)
+    return Episode(*(np.stack(p) for p in parts))
 
 
 class TaskFamily(Protocol):

@@ -69,18 +69,19 @@ class Digits:
         rng = key.rng()
         pool = split_classes(key.split)
         chosen = rng.choice(len(pool), size=self.ways, replace=False)
-        support_x, query_x = [], []
+        per_class = []
         for cls in chosen:
             images = self.classes[pool[cls]]
-            picks = rng.choice(len(images), size=shots + query, replace=False)
-            chosen_images = images[picks]
-            if self.augment and key.split == "train":
-                # One shift for the whole class: a new variant of the class, not noise
-                # within it (task augmentation against meta-overfitting).
-                dy, dx = rng.integers(-1, 2, size=2)
-                chosen_images = shift(chosen_images, int(dy), int(dx))
-            support_x.append(chosen_images[:shots])
-            query_x.append(chosen_images[shots:])
+            per_class.append(images[rng.choice(len(images), size=shots + query, replace=False)])
+        if self.augment and key.split == "train":
+            # One shift per class, drawn after the images so an augmented episode is the
+            # plain one moved: a new variant of each class, not noise within it (task
+            # augmentation against meta-overfitting to the 16 meta-train classes).
+            offsets = rng.integers(-1, 2, size=(self.ways, 2))
+            per_class = [shift(x, int(dy), int(dx)) for x, (dy, dx) in zip(per_class, offsets,
+                                                                             strict=True)]
+        support_x = [x[:shots] for x in per_class]
+        query_x = [x[shots:] for x in per_class]
         labels = np.arange(self.ways, dtype=np.int32)
         return Episode(
             np.concatenate(support_x), np.repeat(labels, shots),

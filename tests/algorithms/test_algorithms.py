@@ -60,8 +60,8 @@ def test_second_order_maml_matches_central_finite_differences():
         direction = tree_map(lambda a: mx.array(rng.normal(size=a.shape).astype(np.float32)),
                              meta)
         eps = 3e-3
-        plus = tree_map(lambda a, d: a + eps * d, meta, direction)
-        minus = tree_map(lambda a, d: a - eps * d, meta, direction)
+        plus = tree_map(lambda a, d, e=eps: a + e * d, meta, direction)
+        minus = tree_map(lambda a, d, e=eps: a - e * d, meta, direction)
         numeric = (objective(plus) - objective(minus)) / (2 * eps)
         analytic = _directional(grad, direction)
         assert abs(numeric - analytic) / abs(analytic) < 1e-2
@@ -141,8 +141,8 @@ def test_mamlpp_with_extras_off_is_maml():
     meta_pp, meta = plain.init_meta(params), maml.init_meta(params)
     assert set(meta_pp) == {"params"}
     g_pp, l_pp = plain.batch_grad(meta_pp, loss_fn, batch, plain.step_inputs(0), plain.phase(0))
-    g, l = maml.batch_grad(meta, loss_fn, batch, NO_INPUTS)
-    assert l_pp.item() == l.item()
+    g, loss = maml.batch_grad(meta, loss_fn, batch, NO_INPUTS)
+    assert l_pp.item() == loss.item()
     for name in params:
         assert mx.array_equal(g_pp["params"][name], g["params"][name]), name
 
@@ -188,7 +188,7 @@ def test_vmapped_batch_equals_the_per_task_mean(make):
                                    atol=1e-6)
         np.testing.assert_allclose(np.array(_flat(looped)[name]), np.array(value), rtol=1e-4,
                                    atol=1e-6)
-    assert loss_v.item() == pytest.approx(np.mean([l.item() for _, l in per_task]), rel=1e-5)
+    assert loss_v.item() == pytest.approx(np.mean([q.item() for _, q in per_task]), rel=1e-5)
 
 
 def test_inner_sgd_and_adam_steps_have_their_closed_forms():

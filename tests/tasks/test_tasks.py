@@ -6,21 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from metapeft_dist.config import FamilySpec
 from metapeft_dist.tasks import make_family
 from metapeft_dist.tasks.base import TaskKey, sample_batch
 from metapeft_dist.tasks.catalog import FAMILIES
-from metapeft_dist.tasks.digits import SPLIT_DIGITS, load_classes, split_classes
+from metapeft_dist.tasks.digits import SPLIT_DIGITS, load_classes, shift, split_classes
 from metapeft_dist.tasks.gaussian import Gaussian
 from metapeft_dist.tasks.sinusoid import Sinusoid
 
 
-class _Spec:
-    def __init__(self, name, ways=None):
-        self.name, self.ways = name, ways
-
-
-FAMS = {"sinusoid": make_family(_Spec("sinusoid")), "gaussian": make_family(_Spec("gaussian", 2)),
-        "digits": make_family(_Spec("digits", 5))}
+FAMS = {name: make_family(FamilySpec(name=name)) for name in ("sinusoid", "gaussian", "digits")}
 
 
 def test_digits_catalog_matches_the_data():
@@ -36,7 +31,7 @@ def test_digits_catalog_matches_the_data():
 
 def test_digit_splits_are_disjoint_by_digit():
     digits = [set(SPLIT_DIGITS[s]) for s in ("train", "val", "test")]
-    assert not (digits[0] & digits[1]) and not (digits[0] & digits[2]) and not (digits[1] & digits[2])
+    assert not (digits[0] & digits[1] or digits[0] & digits[2] or digits[1] & digits[2])
     assert set().union(*digits) == set(range(10))
 
 
@@ -45,7 +40,7 @@ def test_task_is_a_function_of_its_key(name):
     fam = FAMS[name]
     key = TaskKey(3, "train", 17, 4)
     a, b = fam.sample(key, 2, 3), fam.sample(key, 2, 3)
-    for x, y in zip(a.arrays(), b.arrays()):
+    for x, y in zip(a.arrays(), b.arrays(), strict=True):
         np.testing.assert_array_equal(x, y)
     batch = sample_batch(fam, 3, "train", 17, [2, 3, 4, 5], 2, 3)
     np.testing.assert_array_equal(batch.support_x[2], a.support_x)  # index 4 at position 2
@@ -111,3 +106,33 @@ def test_pretrain_batches_cover_all_meta_train_classes():
     x, y = FAMS["digits"].pretrain_batch(np.random.default_rng(0), 2000)
     assert set(y.tolist()) == set(range(FAMS["digits"].pretrain_outputs))
     assert x.shape == (2000, 8, 8, 1)
+
+
+def test_shift_moves_pixels_and_fills_zeros():
+    img = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    down_right = shift(img, 1, 1)[0, :, :, 0]
+    np.testing.assert_array_equal(down_right[1:, 1:], img[0, :3, :3, 0])
+    assert (down_right[0] == 0).all() and (down_right[:, 0] == 0).all()
+    np.testing.assert_array_equal(shift(img, 0, 0), img)
+    up_left = shift(img, -1, -1)[0, :, :, 0]
+    np.testing.assert_array_equal(up_left[:3, :3], img[0, 1:, 1:, 0])
+
+
+def test_augmentation_shifts_whole_meta_train_classes_only():
+    plain = FAMS["digits"]
+    augmented = make_family(FamilySpec(name="digits", augment=True))
+    for split in ("val", "test"):  # evaluation tasks are never augmented
+        key = TaskKey(0, split, 0, 0)
+        np.testing.assert_array_equal(augmented.sample(key, 2, 3).support_x,
+                                      plain.sample(key, 2, 3).support_x)
+    key = TaskKey(0, "train", 0, 0)
+    a, b = augmented.sample(key, 3, 4), augmented.sample(key, 3, 4)
+    np.testing.assert_array_equal(a.query_x, b.query_x)  # still a function of the key
+    ref = plain.sample(key, 3, 4)
+    # Each class is its plain images moved by one offset shared by support and query.
+    for c in range(5):
+        images = np.concatenate([ref.support_x[ref.support_y == c], ref.query_x[ref.query_y == c]])
+        moved = np.concatenate([a.support_x[a.support_y == c], a.query_x[a.query_y == c]])
+        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   if np.array_equal(shift(images, dy, dx), moved)]
+        assert len(matches) >= 1
