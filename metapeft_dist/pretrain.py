@@ -25,7 +25,7 @@ def pretrain(model: Model, family, objective: Objective, spec, seed: int,
     """
     wide = model.with_out_dim(family.pretrain_outputs)
     params = wide.init(mx.random.key(seed))
-    optimizer = optim.Adam(learning_rate=spec.lr)
+    optimizer = optim.Adam(learning_rate=spec.lr, bias_correction=True)
     optimizer.init(params)
     holder = {"params": params}
     state = [holder, optimizer.state]

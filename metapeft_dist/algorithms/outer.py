@@ -32,11 +32,15 @@ def make_schedule(spec, total_updates: int) -> float | Callable[[mx.array], mx.a
 
 
 def make_optimizer(spec, total_updates: int) -> optim.Optimizer:
+    """Adam and AdamW with bias correction, as in Kingma and Ba (2015) and the published
+    meta-learning setups (mlx.optimizers leaves it off by default, which makes the first
+    updates ~3x larger)."""
     lr = make_schedule(spec, total_updates)
     if spec.optimizer == "adam":
-        return optim.Adam(learning_rate=lr)
+        return optim.Adam(learning_rate=lr, bias_correction=True)
     if spec.optimizer == "adamw":
-        return optim.AdamW(learning_rate=lr, weight_decay=spec.weight_decay)
+        return optim.AdamW(learning_rate=lr, weight_decay=spec.weight_decay,
+                           bias_correction=True)
     return optim.SGD(learning_rate=lr, momentum=spec.momentum)
 
 

@@ -33,6 +33,15 @@ def test_optimizer_kinds():
     assert type(make_optimizer(OuterSpec(optimizer="sgd"), 10)).__name__ == "SGD"
 
 
+def test_adam_is_bias_corrected():
+    # Standard Adam's first step moves each parameter by lr * sign(g).
+    opt = make_optimizer(OuterSpec(optimizer="adam", lr=0.01), 10)
+    params = {"w": mx.array([1.0, 1.0])}
+    opt.init(params)
+    stepped = opt.apply_gradients({"w": mx.array([0.5, -3.0])}, params)
+    assert stepped["w"].tolist() == pytest.approx([0.99, 1.01], abs=1e-6)
+
+
 def test_clipping_by_global_norm():
     grads = {"a": mx.array([3.0, 0.0]), "b": {"c": mx.array([4.0])}}
     same, norm = clip_by_global_norm(grads, None)
