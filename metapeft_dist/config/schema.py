@@ -1,0 +1,437 @@
+"""The job-spec schema: frozen dataclasses, one per section, each field with a help
+string (``metadata["help"]``) and each ``__post_init__`` checking its own values.
+
+Imports neither mlx nor ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from metapeft_dist.config.errors import Checks, documented
+from metapeft_dist.tasks.catalog import FAMILIES
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """The task family and the shape of its episodes."""
+
+    name: Literal["sinusoid", "gaussian", "digits"] = documented(
+        "task family: sinusoid (regression), gaussian (binary classification), "
+        "digits (N-way image classification)"
+    )
+    ways: int | None = documented(
+        "classes per task (classification); gaussian is always 2; unset for regression",
+        default=None,
+    )
+    shots: int = documented(
+        "support examples per class (classification) or per task (regression)", default=5
+    )
+    query: int = documented(
+        "query examples per class (classification) or per task (regression)", default=15
+    )
+    augment: bool = documented(
+        "digits: shift each class of a meta-train episode by a random whole pixel (one "
+        "of 9 offsets), making new class variants against meta-overfitting",
+        default=False,
+    )
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            info = FAMILIES[self.name]
+            check(self.shots >= 1, "shots", f"must be >= 1, got {self.shots}")
+            check(self.query >= 1, "query", f"must be >= 1, got {self.query}")
+            check(
+                not self.augment or info.image,
+                "augment",
+                f"augmentation applies to image families, not {self.name}",
+            )
+            if info.kind == "regression":
+                check(self.ways is None, "ways", f"{self.name} is a regression family; remove ways")
+                return
+            if self.ways is None:
+                object.__setattr__(self, "ways", info.fixed_ways or 5)
+            assert self.ways is not None
+            if info.fixed_ways is not None:
+                check(
+                    self.ways == info.fixed_ways,
+                    "ways",
+                    f"{self.name} tasks always have {info.fixed_ways} classes, got {self.ways}",
+                )
+            check(self.ways >= 2, "ways", f"must be >= 2, got {self.ways}")
+            if info.classes_per_split is not None:
+                fewest = min(info.classes_per_split.values())
+                check(
+                    self.ways <= fewest,
+                    "ways",
+                    f"{self.name}'s smallest split has {fewest} classes, got ways = {self.ways}",
+                )
+
+    @property
+    def info(self):
+        return FAMILIES[self.name]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (Hu et al. 2021) on every hidden linear / conv layer."""
+
+    rank: int = documented("adapter rank r", default=4)
+    alpha: float = documented(
+        "adapter scale numerator: the update is (alpha / r) * B A", default=8.0
+    )
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
+            check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Supervised training on all meta-train data: the pretrained base and baseline."""
+
+    steps: int = documented("optimizer steps", default=1000)
+    lr: float = documented("Adam learning rate", default=1e-3)
+    batch: int = documented("examples per step", default=64)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+            check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+            check(self.batch >= 1, "batch", f"must be >= 1, got {self.batch}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network whose initialization is meta-learned."""
+
+    kind: Literal["mlp", "conv"] = documented("mlp, or conv (image families only)", default="mlp")
+    hidden: tuple[int, ...] = documented("mlp hidden layer widths", default=(40, 40))
+    channels: tuple[int, ...] = documented(
+        "conv channels per 3x3 conv block (each block: conv, ReLU, 2x2 max-pool)",
+        default=(32, 32),
+    )
+    lora: LoraSpec | None = documented(
+        "LoRA adapters on the hidden layers; unset: none", default=None
+    )
+    train: Literal["all", "lora"] = documented(
+        "what is meta-learned: all weights, or only the LoRA adapters and the head (base frozen)",
+        default="all",
+    )
+    base: Literal["random", "pretrained"] = documented(
+        "base weights: a random init, or pretrained on all meta-train data", default="random"
+    )
+    pretrain: PretrainSpec = documented(
+        "pretraining (base: pretrained, and the pretrained baseline)", default_factory=PretrainSpec
+    )
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(
+                len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+                "hidden",
+                f"must be a non-empty list of positive widths, got {list(self.hidden)}",
+            )
+            check(
+                len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
+                "channels",
+                f"must be a non-empty list of positive channel counts, got {list(self.channels)}",
+            )
+            check(
+                self.train != "lora" or self.lora is not None,
+                "train",
+                "train: lora needs a model.lora section",
+            )
+
+
+@dataclass(frozen=True)
+class ReptileSpec:
+    serial: bool = documented(
+        "apply each task's update in turn (Nichol et al. serial form) instead of the batched mean",
+        default=False,
+    )
+
+
+@dataclass(frozen=True)
+class MetaSgdSpec:
+    first_order: bool = documented(
+        "drop second-order terms; the learning rates still get gradients", default=False
+    )
+
+
+@dataclass(frozen=True)
+class MamlppSpec:
+    """MAML++ (Antoniou et al. 2019); all off makes it plain second-order MAML."""
+
+    multi_step_loss: bool = documented(
+        "weight the query loss after every inner step (MSL)", default=True
+    )
+    msl_anneal_iterations: int = documented(
+        "iterations over which MSL weights anneal onto the last step", default=1000
+    )
+    per_step_lr: bool = documented(
+        "learn a learning rate per layer and per inner step (LSLR)", default=True
+    )
+    first_order_until: int = documented(
+        "derivative-order annealing: first-order meta-gradients before this iteration",
+        default=0,
+    )
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(
+                self.msl_anneal_iterations >= 0,
+                "msl_anneal_iterations",
+                f"must be >= 0, got {self.msl_anneal_iterations}",
+            )
+            check(
+                self.first_order_until >= 0,
+                "first_order_until",
+                f"must be >= 0, got {self.first_order_until}",
+            )
+
+
+ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd", "mamlpp")
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """The meta-learning algorithm and the length of meta-training."""
+
+    name: Literal["reptile", "fomaml", "maml", "metasgd", "mamlpp"] = documented(
+        "reptile, fomaml (first-order MAML), maml (second order), metasgd, mamlpp"
+    )
+    meta_batch: int = documented("tasks per meta-iteration", default=25)
+    iterations: int = documented(
+        "meta-iterations (outer steps for the batched forms)", default=1000
+    )
+    reptile: ReptileSpec | None = documented("Reptile options (name: reptile only)", default=None)
+    metasgd: MetaSgdSpec | None = documented("Meta-SGD options (name: metasgd only)", default=None)
+    mamlpp: MamlppSpec | None = documented("MAML++ options (name: mamlpp only)", default=None)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.meta_batch >= 1, "meta_batch", f"must be >= 1, got {self.meta_batch}")
+            check(self.iterations >= 0, "iterations", f"must be >= 0, got {self.iterations}")
+            for section, cls in (
+                ("reptile", ReptileSpec),
+                ("metasgd", MetaSgdSpec),
+                ("mamlpp", MamlppSpec),
+            ):
+                given = getattr(self, section)
+                if section == self.name:
+                    if given is None:
+                        object.__setattr__(self, section, cls())
+                else:
+                    check(
+                        given is None,
+                        section,
+                        f"options for {section} given, but algorithm.name is {self.name}",
+                    )
+
+
+@dataclass(frozen=True)
+class InnerSpec:
+    """The inner loop: task adaptation from the meta-learned initialization."""
+
+    steps: int = documented("adaptation steps per task during meta-training", default=1)
+    lr: float = documented(
+        "inner learning rate (initial value for Meta-SGD / MAML++)", default=0.01
+    )
+    optimizer: Literal["sgd", "adam"] = documented(
+        "sgd, or adam (moments reset per task)", default="sgd"
+    )
+    beta1: float = documented("Adam beta1 (0 as in Nichol et al. 2018)", default=0.0)
+    beta2: float = documented("Adam beta2", default=0.999)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+            check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+            check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+            check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+
+
+@dataclass(frozen=True)
+class OuterSpec:
+    """The outer (meta) optimizer, from mlx.optimizers."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = documented("adam, adamw or sgd", default="adam")
+    lr: float = documented(
+        "peak outer learning rate (Reptile: the step size epsilon)", default=1e-3
+    )
+    schedule: Literal["constant", "cosine", "linear"] = documented(
+        "learning-rate schedule after warm-up: constant, cosine or linear decay to end_lr",
+        default="constant",
+    )
+    end_lr: float = documented("final learning rate of a decaying schedule", default=0.0)
+    warmup: int = documented("linear warm-up steps from 0", default=0)
+    clip_norm: float | None = documented(
+        "clip the meta-gradient's global norm; unset: no clipping", default=None
+    )
+    weight_decay: float = documented("AdamW decoupled weight decay", default=0.01)
+    momentum: float = documented("SGD momentum", default=0.0)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+            check(
+                0 <= self.end_lr <= self.lr,
+                "end_lr",
+                f"must be in [0, lr = {self.lr}], got {self.end_lr}",
+            )
+            check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
+            check(
+                self.clip_norm is None or self.clip_norm > 0,
+                "clip_norm",
+                f"must be > 0, got {self.clip_norm}",
+            )
+            check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+            check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+
+
+BASELINES = ("random", "pretrained")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Meta-validation during training and the final meta-test evaluation."""
+
+    tasks: int = documented("meta-test tasks per shot setting", default=600)
+    shots: tuple[int, ...] = documented("shot settings to evaluate", default=(1, 5, 10))
+    steps: int = documented(
+        "adaptation steps at evaluation (curve recorded at every step)", default=10
+    )
+    every: int = documented("meta-validate every N iterations; 0: never", default=500)
+    val_tasks: int = documented("meta-validation tasks", default=100)
+    select: Literal["best", "last"] = documented(
+        "which init is evaluated: the one with the best meta-validation metric (early "
+        "stopping), or the last; 'best' needs every > 0",
+        default="best",
+    )
+    baselines: tuple[Literal["random", "pretrained"], ...] = documented(
+        "inits to compare the meta-learned one against: random (a fresh standard init, "
+        "same frozen base) and pretrained (trained on all meta-train data, then fine-tuned)",
+        default=("random", "pretrained"),
+    )
+    target: float | None = documented(
+        "steps-to-target threshold; unset: the random init's value after the last step",
+        default=None,
+    )
+    query: int | None = documented(
+        "query examples per class (or per task) at meta-test; unset: family.query", default=None
+    )
+    chunk: int = documented("tasks adapted together (vmapped) at evaluation", default=100)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.tasks >= 1, "tasks", f"must be >= 1, got {self.tasks}")
+            check(
+                len(self.shots) >= 1 and all(s >= 1 for s in self.shots),
+                "shots",
+                f"must be a non-empty list of positive shot counts, got {list(self.shots)}",
+            )
+            check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+            check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+            check(self.val_tasks >= 1, "val_tasks", f"must be >= 1, got {self.val_tasks}")
+            check(
+                self.select == "last" or self.every > 0,
+                "select",
+                "best needs meta-validation (every > 0); use select: last",
+            )
+            check(
+                len(set(self.baselines)) == len(self.baselines),
+                "baselines",
+                f"has duplicates: {list(self.baselines)}",
+            )
+            check(self.chunk >= 1, "chunk", f"must be >= 1, got {self.chunk}")
+            check(self.query is None or self.query >= 1, "query", f"must be >= 1, got {self.query}")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every: int = documented(
+        "checkpoint every N iterations (and always at the end); 0: end only", default=1000
+    )
+    keep: int = documented("periodic checkpoints kept on disk", default=3)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+            check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Where results go and how the meta-batch is executed in one process."""
+
+    out_dir: str = documented("parent directory of run directories", default="runs")
+    batching: Literal["vmap", "loop"] = documented(
+        "vmap the meta-batch's tasks, or loop over them", default="vmap"
+    )
+    compile: bool = documented("mx.compile the meta-step and the evaluation", default=True)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A meta-training job: what to learn, how, and how to evaluate it."""
+
+    family: FamilySpec = documented("task family")
+    algorithm: AlgorithmSpec = documented("meta-learning algorithm")
+    name: str = documented("job name (default: the spec file's name)", default="job")
+    seed: int = documented("seed of everything random: init, task sampling, evaluation", default=0)
+    model: ModelSpec = documented("model", default_factory=ModelSpec)
+    inner: InnerSpec = documented("inner loop", default_factory=InnerSpec)
+    outer: OuterSpec = documented("outer optimizer", default_factory=OuterSpec)
+    eval: EvalSpec = documented("evaluation", default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = documented("checkpoints", default_factory=CheckpointSpec)
+    run: RunSpec = documented("execution", default_factory=RunSpec)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(
+                bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),
+                "name",
+                f"must be letters, digits, '.', '_' or '-', got {self.name!r}",
+            )
+            check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+            info = self.family.info
+            check(
+                self.model.kind != "conv" or info.image,
+                "model.kind",
+                f"conv needs an image family, and {info.name} is not one",
+            )
+            if info.min_class_size is not None:
+                for where, shots, query in (
+                    ("family.shots", self.family.shots, self.family.query),
+                    ("eval.shots", max(self.eval.shots), self.eval.query or self.family.query),
+                ):
+                    check(
+                        shots + query <= info.min_class_size,
+                        where,
+                        f"{shots} shots + {query} query examples exceed the "
+                        f"{info.min_class_size} examples of {info.name}'s smallest class",
+                    )
+
+    @property
+    def is_classification(self) -> bool:
+        return self.family.info.kind == "classification"
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(dataclasses.asdict(self))
+
+
+def to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
