@@ -35,6 +35,21 @@ def _quiet(stage: str, done: int, total: int, info: dict[str, Any]) -> None:
     pass
 
 
+def platform_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import platform
+
+    import mlx.core as mx
+
+    from metapeft_dist import blas
+
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "system": platform.system(), "mlx": mx.__version__,
+            "blas": blas.ensure_fast_blas() or "bundled",
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
+
+
 def default_run_dir(spec: JobSpec) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(spec.run.out_dir) / f"{spec.name}-{stamp}"
@@ -65,6 +80,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet) -> dic
         "seconds": time.time() - started,
         "spec": spec.to_dict(),
         "meta_parameters": num_elements(job.initial_meta),
+        "platform": platform_info(),
         "meta_training": training,
         "evaluation": evaluation,
     }

@@ -16,7 +16,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items()
-                if k not in ("METAPEFT_OPENBLAS", "OPENBLAS_NUM_THREADS")}
+                if k not in ("METAPEFT_OPENBLAS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE")}
     full_env.update(env)
     return subprocess.run([sys.executable, "-W", "always", "-c", code], env=full_env,
                           capture_output=True, text=True, timeout=120)
@@ -77,6 +77,21 @@ def test_openblas_gives_the_same_matmul_as_the_bundled_blas():
     y = np.frombuffer(slow.stdout, dtype=np.float32)
     assert x.size == y.size == 96 * 64
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_coretype_from_cpu_flags():
+    avx512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}
+    assert blas.coretype_for(avx512) == "SkylakeX"
+    assert blas.coretype_for({"avx2", "fma", "sse4_2"}) == "Haswell"
+    assert blas.coretype_for({"avx512f", "avx2", "fma"}) == "Haswell"  # partial AVX-512
+    assert blas.coretype_for({"sse4_2"}) is None
+
+
+@linux_only
+def test_user_coretype_is_kept():
+    out = _python("import metapeft_dist, os; print(os.environ['OPENBLAS_CORETYPE'])",
+                  OPENBLAS_CORETYPE="Zen")
+    assert out.stdout.strip() == "Zen"
 
 
 def test_macos_does_nothing(monkeypatch):
