@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from metapeft_dist.algorithms import Task
-from metapeft_dist.algorithms.outer import clip_by_global_norm, make_optimizer
+from metapeft_dist.algorithms.outer import make_optimizer, outer_step
 from metapeft_dist.job import Job
 from metapeft_dist.tree import Meta
 
@@ -62,8 +62,7 @@ class MetaTrainer:
         def step(batch: Task, inputs: mx.array):
             grad, loss = algorithm.batch_grad(holder["meta"], loss_fn, batch, inputs,
                                               phase, vmap)
-            grad, norm = clip_by_global_norm(grad, clip_norm)
-            holder["meta"] = optimizer.apply_gradients(grad, holder["meta"])
+            holder["meta"], norm = outer_step(optimizer, holder["meta"], grad, clip_norm)
             return loss, norm
 
         if spec.run.compile:

@@ -120,6 +120,26 @@ def decode(frame: Any, expected: TreeSpec) -> Frame:
     return Frame(version, header, unflatten(flat))
 
 
+def declared_spec(frame: bytes) -> TreeSpec:
+    """The tree a frame declares (names, dtypes, shapes), checked for form.
+
+    For frames from a trusted peer only (the driver's own initial meta-parameters): the
+    result becomes the spec every later frame is decoded against.
+    """
+    try:
+        message = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
+        tensors = message["tensors"]
+        entries = {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in tensors.items()}
+    except Exception as err:
+        raise WireError(f"cannot read the tree a frame declares: {err}") from None
+    spec = TreeSpec(entries)
+    for name, (dtype, shape) in entries.items():
+        if dtype not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise WireError(f"tensor {name!r} declares dtype {dtype!r}, shape {list(shape)}")
+    decode(frame, spec)
+    return spec
+
+
 def _check_header(header: Any) -> dict[str, Any]:
     if not isinstance(header, dict) or len(header) > MAX_HEADER_ITEMS:
         raise WireError("frame header must be a map of at most "

@@ -87,7 +87,7 @@ def test_prefetched_batches_are_the_keyed_ones():
 
 def test_serial_reptile_is_the_sequential_update():
     text = SIN.replace("name: maml", "name: reptile, reptile: {serial: true}")
-    job, trainer, _ = _train(text, 1, ["outer.optimizer=sgd", "outer.lr=0.5",
+    job, trainer, _ = _train(text, 1, ["runtime.mode=local", "outer.optimizer=sgd", "outer.lr=0.5",
                                        "inner.steps=3", "inner.lr=0.02"])
     theta = job.initial_meta["params"]
     loss_fn = job.loss_fn()

@@ -44,6 +44,16 @@ def make_optimizer(spec, total_updates: int) -> optim.Optimizer:
     return optim.SGD(learning_rate=lr, momentum=spec.momentum)
 
 
+def outer_step(optimizer: optim.Optimizer, meta, grad, clip_norm: float | None):
+    """(meta-parameters after one outer update, the gradient's norm before clipping).
+
+    The one outer update every executor applies: the in-process trainer inside its
+    compiled step, the parameter server on the gradients workers send.
+    """
+    grad, norm = clip_by_global_norm(grad, clip_norm)
+    return optimizer.apply_gradients(grad, meta), norm
+
+
 def clip_by_global_norm(grads, max_norm: float | None):
     """(clipped gradients, norm before clipping); no clipping when max_norm is None."""
     if max_norm is None:

@@ -19,9 +19,9 @@ from metapeft_dist.config.reference import reference
 from metapeft_dist.config.schema import (
     ALGORITHMS, BASELINES, AlgorithmSpec, CheckpointSpec, EvalSpec, FamilySpec, InnerSpec,
     JobSpec, LoraSpec, MamlppSpec, MetaSgdSpec, ModelSpec, OuterSpec, PretrainSpec,
-    ReptileSpec, RunSpec)
+    ReptileSpec, RunSpec, RuntimeSpec)
 
 __all__ = ["ConfigError", "from_dict", "load_spec", "parse_spec", "reference", "ALGORITHMS",
            "BASELINES", "AlgorithmSpec", "CheckpointSpec", "EvalSpec", "FamilySpec",
            "InnerSpec", "JobSpec", "LoraSpec", "MamlppSpec", "MetaSgdSpec", "ModelSpec",
-           "OuterSpec", "PretrainSpec", "ReptileSpec", "RunSpec"]
+           "OuterSpec", "PretrainSpec", "ReptileSpec", "RunSpec", "RuntimeSpec"]

@@ -381,6 +381,45 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class RuntimeSpec:
+    """Where meta-training runs: Ray worker actors (sync or async), or this one process."""
+
+    mode: Literal["sync", "async", "local"] = documented(
+        "sync: bulk-synchronous meta-batches on Ray workers, bitwise identical for any "
+        "worker count; async: workers adapt from the latest version and stale results "
+        "are dropped; local: this process only, no Ray (the meta-batch vmapped)",
+        default="sync",
+    )
+    workers: int | None = documented(
+        "MLX worker actors; unset: one per `mlx` resource of a cluster, or, on the "
+        "embedded local Ray, one per CPU core (one on macOS, where MLX uses the GPU)",
+        default=None,
+    )
+    chunk: int = documented(
+        "tasks per dispatch: a meta-batch is cut into chunks at fixed boundaries, each "
+        "computed (vmapped) on one worker",
+        default=1,
+    )
+    staleness: int = documented(
+        "async: apply a result only if the meta-parameters moved at most this many "
+        "versions since its worker read them; drop (and count) older ones",
+        default=2,
+    )
+    stall_timeout: float = documented(
+        "give up when no task result arrives for this many seconds", default=600.0
+    )
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.workers is None or self.workers >= 1, "workers",
+                  f"must be >= 1, got {self.workers}")
+            check(self.chunk >= 1, "chunk", f"must be >= 1, got {self.chunk}")
+            check(self.staleness >= 0, "staleness", f"must be >= 0, got {self.staleness}")
+            check(self.stall_timeout > 0, "stall_timeout",
+                  f"must be > 0, got {self.stall_timeout}")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A meta-training job: what to learn, how, and how to evaluate it."""
 
@@ -393,7 +432,8 @@ class JobSpec:
     outer: OuterSpec = documented("outer optimizer", default_factory=OuterSpec)
     eval: EvalSpec = documented("evaluation", default_factory=EvalSpec)
     checkpoint: CheckpointSpec = documented("checkpoints", default_factory=CheckpointSpec)
-    run: RunSpec = documented("execution", default_factory=RunSpec)
+    run: RunSpec = documented("execution in one process", default_factory=RunSpec)
+    runtime: RuntimeSpec = documented("distributed runtime", default_factory=RuntimeSpec)
 
     def __post_init__(self) -> None:
         with Checks() as check:
@@ -420,6 +460,18 @@ class JobSpec:
                         f"{shots} shots + {query} query examples exceed the "
                         f"{info.min_class_size} examples of {info.name}'s smallest class",
                     )
+            check(
+                self.runtime.chunk <= self.algorithm.meta_batch,
+                "runtime.chunk",
+                f"{self.runtime.chunk} exceeds algorithm.meta_batch = {self.algorithm.meta_batch}",
+            )
+            serial = self.algorithm.reptile is not None and self.algorithm.reptile.serial
+            check(
+                not serial or self.runtime.mode == "local",
+                "algorithm.reptile.serial",
+                "serial Reptile updates after every task, so its tasks cannot run in "
+                "parallel; use runtime.mode: local",
+            )
 
     @property
     def is_classification(self) -> bool:

@@ -1,7 +1,9 @@
 """Checkpoints: meta-parameters, outer-optimizer state and frozen base in one
 safetensors file, written atomically and checked on load.
 
-Layout: tensors ``meta/<group>/<name>``, ``opt/<path>``, ``frozen/<name>``; metadata
+Layout: tensors ``meta/<group>/<name>``, ``opt/<path>``, ``frozen/<name>`` and, when
+meta-validation selects an init, ``best/<group>/<name>`` (so a resumed run knows the best
+init so far without any other file); metadata
 ``format``, ``iteration``, ``sha256`` (over every tensor's name, dtype, shape and
 bytes, in name order) and free-form ``info`` (JSON). A write goes to a temporary file
 that is fsynced and renamed over the target, so a crash leaves either the old file or
@@ -38,6 +40,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     frozen: Params
     info: dict[str, Any]
+    best: Meta | None = None
 
 
 def _raw_bytes(array: mx.array) -> bytes:
@@ -57,10 +60,13 @@ def checksum(arrays: dict[str, mx.array]) -> str:
 
 def save_checkpoint(path: str | Path, iteration: int, meta: Meta,
                     optimizer_state: dict[str, Any], frozen: Params,
-                    info: dict[str, Any] | None = None) -> Path:
+                    info: dict[str, Any] | None = None, best: Meta | None = None) -> Path:
     path = Path(path)
     arrays: dict[str, mx.array] = {}
-    for prefix, tree in (("meta", meta), ("opt", optimizer_state), ("frozen", frozen)):
+    trees = [("meta", meta), ("opt", optimizer_state), ("frozen", frozen)]
+    if best is not None:
+        trees.append(("best", best))
+    for prefix, tree in trees:
         for name, value in flatten(tree, prefix).items():
             arrays[name] = value if isinstance(value, mx.array) else mx.array(value)
     mx.eval(arrays)
@@ -100,7 +106,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} has bad metadata: {err}") from None
     tree = unflatten(arrays)
     return Checkpoint(iteration, tree.get("meta", {}), tree.get("opt", {}),
-                      tree.get("frozen", {}), info)
+                      tree.get("frozen", {}), info, tree.get("best"))
+
+
+def newest_good_checkpoint(directory: str | Path,
+                           warn=lambda message: None) -> Checkpoint | None:
+    """The newest checkpoint in ``directory`` that loads and passes its checksum.
+
+    Each unusable newer one is reported through ``warn`` with its name and the reason,
+    and skipped. None when there is no usable checkpoint.
+    """
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as err:
+            warn(f"skipping {path.name}: {err}")
+    return None
 
 
 def checkpoint_path(directory: str | Path, iteration: int) -> Path:

@@ -84,3 +84,24 @@ def test_prune_keeps_the_newest_and_the_protected(tmp_path):
         save_checkpoint(checkpoint_path(tmp_path, it), it, meta, opt_state, frozen)
     prune_checkpoints(tmp_path, keep=2, protect={10})
     assert [it for it, _ in list_checkpoints(tmp_path)] == [10, 40, 50]
+
+
+def test_best_group_round_trips_and_newest_good_skips_corrupt(tmp_path):
+    from metapeft_dist.runtime.checkpoint import newest_good_checkpoint
+
+    meta, opt_state, frozen = _state()
+    best = {"params": {"hidden0.w": mx.zeros((4, 3)), "head.b": mx.ones((2,))}}
+    save_checkpoint(checkpoint_path(tmp_path, 10), 10, meta, opt_state, frozen,
+                    {"best_iteration": 5}, best=best)
+    newer = save_checkpoint(checkpoint_path(tmp_path, 20), 20, meta, opt_state, frozen)
+    data = bytearray(newer.read_bytes())
+    data[-1] ^= 0x01
+    newer.write_bytes(bytes(data))
+    warnings = []
+    ck = newest_good_checkpoint(tmp_path, warnings.append)
+    assert ck.iteration == 10 and ck.info == {"best_iteration": 5}
+    assert mx.array_equal(ck.best["params"]["head.b"], best["params"]["head.b"])
+    assert warnings == ["skipping ckpt-00000020.safetensors: checkpoint "
+                        f"{newer} is corrupt: its checksum does not match"]
+    assert load_checkpoint(checkpoint_path(tmp_path, 10)).best is not None
+    assert newest_good_checkpoint(tmp_path / "empty") is None

@@ -1,0 +1,76 @@
+"""An MLX worker: builds the job once (task family, model, frozen base), then turns
+(meta-parameters, a chunk of task keys) into the chunk's mean outer gradient.
+
+A plain class; the driver runs one per machine as a Ray actor pinned by the ``mlx``
+custom resource. Only task keys arrive (the worker samples the tasks itself) and only
+the trainable meta-parameters travel, as wire frames, in both directions.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any, Callable, Hashable
+
+import mlx.core as mx
+
+import metapeft_dist  # noqa: F401  (OpenBLAS before mlx)
+from metapeft_dist.config import from_dict
+from metapeft_dist.job import build_job
+from metapeft_dist.wire import TreeSpec, decode, encode
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]):
+        t0 = time.perf_counter()
+        self.spec = from_dict(spec)
+        self.job = build_job(self.spec)
+        self.tree_spec = TreeSpec.of(self.job.initial_meta)
+        self.loss_fn = self.job.loss_fn()
+        self._meta: tuple[int, Any] | None = None
+        self._steps: dict[Hashable, Callable] = {}
+        self.setup_seconds = time.perf_counter() - t0
+
+    def ping(self) -> dict[str, Any]:
+        return {"host": platform.node(), "pid": os.getpid(),
+                "setup_seconds": self.setup_seconds}
+
+    def _grad_fn(self, phase: Hashable) -> Callable:
+        if phase not in self._steps:
+            algorithm, loss_fn = self.job.algorithm, self.loss_fn
+            vmap = self.spec.run.batching == "vmap"
+
+            def chunk_grad(meta, batch, inputs):
+                return algorithm.batch_grad(meta, loss_fn, batch, inputs, phase, vmap)
+
+            self._steps[phase] = mx.compile(chunk_grad) if self.spec.run.compile else chunk_grad
+        return self._steps[phase]
+
+    def run(self, version: int, meta_frame: bytes, iteration: int, start: int,
+            count: int) -> tuple[dict[str, Any], bytes]:
+        """Tasks (iteration, start .. start + count - 1) adapted from ``version``.
+
+        Returns (timings, a frame with the chunk's mean outer gradient whose header
+        carries iteration, start, count and the mean query loss).
+        """
+        t0 = time.perf_counter()
+        if self._meta is None or self._meta[0] != version:
+            received = decode(meta_frame, self.tree_spec)
+            self._meta = (received.version, received.tree)
+        t1 = time.perf_counter()
+        batch = self.job.batch(iteration, range(start, start + count))
+        t2 = time.perf_counter()
+        algorithm = self.job.algorithm
+        grad, loss = self._grad_fn(algorithm.phase(iteration))(
+            self._meta[1], batch, algorithm.step_inputs(iteration))
+        mx.eval(grad, loss)
+        t3 = time.perf_counter()
+        frame = encode(grad, version, {"iteration": iteration, "start": start, "count": count,
+                                       "loss": float(loss.item())})
+        t4 = time.perf_counter()
+        timings = {"decode_seconds": t1 - t0, "sample_seconds": t2 - t1,
+                   "compute_seconds": t3 - t2, "encode_seconds": t4 - t3,
+                   "seconds": t4 - t0, "bytes_in": len(meta_frame), "bytes_out": len(frame),
+                   "host": platform.node(), "pid": os.getpid()}
+        return timings, frame
