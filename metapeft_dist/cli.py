@@ -66,24 +66,53 @@ class _ProgressPrinter:
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=click.Path(dir_okay=False), required=False)
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Write the run here (default: run.out_dir/NAME-TIMESTAMP).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the killed run in this directory from its newest good "
+                   "checkpoint (no SPEC: the run's own spec is used).")
+@click.option("--address", metavar="ADDRESS",
+              help="Join the Ray cluster at ADDRESS (e.g. 10.0.0.2:6379); default: start "
+                   "an embedded local Ray for the job.")
 @_overrides
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-def run(spec: str, run_dir: str | None, overrides: tuple[str, ...], as_json: bool,
-        quiet: bool) -> None:
-    """Meta-train and evaluate the job in SPEC in this process."""
+def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: str | None,
+        overrides: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Meta-train and evaluate the job in SPEC (on Ray unless runtime.mode is local)."""
     from metapeft_dist import api
 
-    try:
-        job_spec = api.load(spec, overrides)
-    except ConfigError as err:
-        _fail_usage(str(err))
+    if (spec is None) == (resume_dir is None):
+        _fail_usage("give either SPEC or --resume RUN_DIR")
+    if resume_dir is not None and (overrides or run_dir):
+        _fail_usage("--resume continues a run as it was; --set and --run-dir do not apply")
+    job_spec = None
+    if spec is not None:
+        try:
+            job_spec = api.load(spec, overrides)
+        except ConfigError as err:
+            _fail_usage(str(err))
     from metapeft_dist.results import format_table
+    from metapeft_dist.runner import RunDirError
+    from metapeft_dist.runtime.driver import ClusterError, StallError
 
-    results = api.run(job_spec, run_dir, on_progress=_ProgressPrinter(quiet or as_json))
+    progress = _ProgressPrinter(quiet or as_json)
+
+    def log(message: str) -> None:
+        click.echo(f"metapeft: {message}", err=True)
+
+    try:
+        if resume_dir is not None:
+            results = api.resume(resume_dir, address, on_progress=progress, log=log)
+        else:
+            results = api.run(job_spec, run_dir, address=address, on_progress=progress,
+                              log=log)
+    except (RunDirError, ClusterError, ConfigError) as err:
+        _fail_usage(str(err))
+    except StallError as err:
+        click.echo(f"error: the job failed: {err}", err=True)
+        sys.exit(1)
     click.echo(json.dumps(results, indent=1) if as_json else format_table(results))
 
 

@@ -1,10 +1,14 @@
-"""Run a job in this process: meta-train (with meta-validation and checkpoints), then
-evaluate the meta-learned init against the baselines on meta-test tasks, and write
-everything to the run directory:
+"""Run a job: meta-train on an executor (the Ray driver, or this process), with
+meta-validation and checkpoints, then evaluate the meta-learned init against the
+baselines on meta-test tasks, and write everything to the run directory:
 
   RUN_DIR/spec.yaml                 the validated spec, defaults filled in
-  RUN_DIR/checkpoints/ckpt-*.safetensors
-  RUN_DIR/results.json              training curve, timings, evaluation
+  RUN_DIR/history.jsonl             training curve and meta-validation, as they happen
+  RUN_DIR/checkpoints/ckpt-*.safetensors, best.safetensors
+  RUN_DIR/results.json              curves, timings, runtime counters, evaluation
+
+A killed run resumes from its newest good checkpoint (``find_resume_point``); in sync
+and local modes it then ends exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -14,15 +18,15 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import yaml
 
 from metapeft_dist.config import JobSpec
 from metapeft_dist.evaluate import Evaluator, summarize
 from metapeft_dist.job import Init, Job, build_job
-from metapeft_dist.runtime.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
-from metapeft_dist.trainer import MetaTrainer, Prefetcher
+from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
+from metapeft_dist.trainer import MetaTrainer
 from metapeft_dist.tree import Meta, num_elements
 
 # on_progress(stage, done, total, info): stages "setup", "meta-train", "evaluate", "done".
@@ -64,23 +68,81 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet) -> dict[str, Any]:
+class RunDirError(RuntimeError):
+    """A run directory cannot be used as asked (already holds a run, nothing to resume)."""
+
+
+class Executor(Protocol):
+    """Runs meta-iterations: the in-process MetaTrainer or the Ray driver's RayExecutor."""
+
+    def step(self, iteration: int) -> tuple[float, float]: ...
+    def snapshot(self) -> Meta: ...
+    def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
+                   best: Meta | None = None) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
+                  log: Callable[[str], None]) -> Executor:
+    if job.spec.runtime.mode == "local":
+        if resume is None:
+            return MetaTrainer(job)
+        return MetaTrainer(job, resume.meta, resume.optimizer_state)
+    from metapeft_dist.runtime.driver import RayExecutor
+
+    return RayExecutor(job, address, resume.path if resume else None,
+                       resume.iteration if resume else 0, log)
+
+
+def find_resume_point(run_dir: Path, log: Callable[[str], None]) -> tuple[JobSpec, Checkpoint]:
+    """The run's spec and its newest good checkpoint; corrupt newer ones are named and
+    skipped."""
+    from metapeft_dist.config import load_spec
+    from metapeft_dist.runtime.checkpoint import newest_good_checkpoint
+
+    if not (run_dir / "spec.yaml").is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no spec.yaml)")
+    spec = load_spec(run_dir / "spec.yaml")
+    checkpoint = newest_good_checkpoint(run_dir / "checkpoints", log)
+    if checkpoint is None:
+        raise RunDirError(f"{run_dir / 'checkpoints'} holds no usable checkpoint to resume from")
+    return spec, checkpoint
+
+
+def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
+            address: str | None = None, resume: Checkpoint | None = None,
+            log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Meta-train (from ``resume`` if given), evaluate, write results.json."""
+    if resume is None and (run_dir / "checkpoints").is_dir() and any(
+            (run_dir / "checkpoints").iterdir()):
+        raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
+                          "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    if resume is None:
+        (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    else:
+        log(f"resuming {run_dir} from iteration {resume.iteration}")
     on_progress("setup", 0, 1, {"run_dir": str(run_dir)})
     started = time.time()
     job = build_job(spec)
-    trainer = MetaTrainer(job)
-    training, selected = meta_train(job, trainer, run_dir / "checkpoints", on_progress)
+    executor = make_executor(job, address, resume, log)
+    try:
+        training, selected = meta_train(job, executor, run_dir, on_progress, resume)
+        runtime = executor.stats()
+    finally:
+        executor.close()
     evaluation = evaluate_job(job, selected, on_progress)
     results = {
         "job": spec.name,
         "run_dir": str(run_dir),
         "created": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "seconds": time.time() - started,
+        "resumed_from": resume.iteration if resume else None,
         "spec": spec.to_dict(),
         "meta_parameters": num_elements(job.initial_meta),
         "platform": platform_info(),
+        "runtime": runtime,
         "meta_training": training,
         "evaluation": evaluation,
     }
@@ -89,86 +151,134 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet) -> dic
     return results
 
 
-def meta_train(job: Job, trainer: MetaTrainer, checkpoint_dir: Path,
-               on_progress: Progress = _quiet, start: int = 0) -> tuple[dict[str, Any], Meta]:
-    """Meta-train from iteration ``start``; returns (summary, the selected meta-parameters).
+class History:
+    """The training curve and meta-validation scores, one JSON line per entry in
+    RUN_DIR/history.jsonl, so a resumed run keeps what came before its checkpoint."""
+
+    def __init__(self, path: Path, resume_at: int | None):
+        self.path = path
+        self.curve: list[dict[str, Any]] = []
+        self.validation: list[dict[str, Any]] = []
+        if resume_at is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["iteration"] <= resume_at:
+                    getattr(self, entry.pop("kind")).append(entry)
+        self._file = open(path, "w")
+        for kind in ("curve", "validation"):
+            for entry in getattr(self, kind):
+                self._write(kind, entry)
+
+    def _write(self, kind: str, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps({"kind": kind, **entry}) + "\n")
+        self._file.flush()
+
+    def add(self, kind: str, entry: dict[str, Any]) -> None:
+        getattr(self, kind).append(entry)
+        self._write(kind, entry)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progress = _quiet,
+               resume: Checkpoint | None = None) -> tuple[dict[str, Any], Meta]:
+    """Meta-train from the start or from ``resume``; returns (summary, the selected
+    meta-parameters).
 
     With ``eval.select: best`` the selected init is the one with the best meta-validation
-    metric (also saved as checkpoints/best.safetensors), else the last one.
+    metric (also saved as checkpoints/best.safetensors), else the last one. Periodic
+    checkpoints carry the best init so far, so a resumed run selects exactly as an
+    uninterrupted one would.
     """
     spec = job.spec
+    checkpoint_dir = run_dir / "checkpoints"
+    iterations = spec.algorithm.iterations
+    start = resume.iteration if resume else 0
     better = (lambda a, b: a > b) if job.objective.higher_is_better else (lambda a, b: a < b)
     best: tuple[int, float, Meta] | None = None
-    iterations = spec.algorithm.iterations
+    seconds = 0.0
+    if resume is not None:
+        seconds = resume.info.get("train_seconds", 0.0)
+        if resume.best is not None:
+            best = (resume.info["best_iteration"], resume.info["best_metric"], resume.best)
     every_val, every_ckpt = spec.eval.every, spec.checkpoint.every
     log_every = max(1, iterations // 200)
     validator = Evaluator(job, spec.inner.steps) if every_val else None
-    curve: list[dict[str, float]] = []
-    validation: list[dict[str, float]] = []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    history = History(run_dir / "history.jsonl", start if resume else None)
     window_loss = window_norm = 0.0
     window = 0
-    prefetch = Prefetcher(job, start, iterations)
-    seconds = 0.0
+
+    def info() -> dict[str, Any]:
+        out = {"job": spec.name, "algorithm": job.algorithm.name, "mode": spec.runtime.mode,
+               "train_seconds": seconds}
+        if best is not None:
+            out.update(best_iteration=best[0], best_metric=best[1])
+        return out
+
+    def checkpoint(iteration: int) -> Path:
+        path = checkpoint_path(checkpoint_dir, iteration)
+        executor.checkpoint(str(path), iteration, info(), best[2] if best else None)
+        prune_checkpoints(checkpoint_dir, spec.checkpoint.keep, protect={iterations})
+        return path
+
     try:
         for it in range(start, iterations):
             t0 = time.perf_counter()
-            loss, norm = trainer.step(it, prefetch.batch(it))
+            loss, norm = executor.step(it)
             seconds += time.perf_counter() - t0
             window_loss += loss
             window_norm += norm
             window += 1
             done = it + 1
-            info: dict[str, Any] = {"loss": loss}
+            progress: dict[str, Any] = {"loss": loss}
             if done % log_every == 0 or done == iterations:
-                curve.append({"iteration": done, "loss": window_loss / window,
-                              "grad_norm": window_norm / window})
+                history.add("curve", {"iteration": done, "loss": window_loss / window,
+                                      "grad_norm": window_norm / window})
                 window_loss = window_norm = 0.0
                 window = 0
             if validator is not None and (done % every_val == 0 or done == iterations):
-                metric = validate(job, validator, trainer)
-                validation.append({"iteration": done, job.objective.metric_name: metric})
-                info["val"] = metric
+                current = executor.snapshot()
+                metric = validate(job, validator, current)
+                history.add("validation", {"iteration": done,
+                                           job.objective.metric_name: metric})
+                progress["val"] = metric
                 if spec.eval.select == "best" and (best is None or better(metric, best[1])):
-                    best = (done, metric, trainer.snapshot())
-                    save_checkpoint(checkpoint_dir / "best.safetensors", done, trainer.meta,
-                                    trainer.optimizer.state, job.frozen,
-                                    {"job": spec.name, "algorithm": job.algorithm.name,
-                                     "val": metric})
+                    best = (done, metric, current)
+                    executor.checkpoint(str(checkpoint_dir / "best.safetensors"), done,
+                                        {**info(), "val": metric})
             if every_ckpt and done % every_ckpt == 0 and done < iterations:
-                save(job, trainer, checkpoint_dir, done)
-            on_progress("meta-train", done, iterations, info)
+                checkpoint(done)
+            on_progress("meta-train", done, iterations, progress)
+        final = checkpoint_path(checkpoint_dir, iterations)
+        if start < iterations or not final.is_file():
+            final = checkpoint(iterations)
     finally:
-        prefetch.close()
-    final = save(job, trainer, checkpoint_dir, iterations)
+        history.close()
+    selected_iteration = best[0] if best else iterations
+    selected = best[2] if best else executor.snapshot()
     trained = iterations - start
-    selected_iteration, selected = (best[0], best[2]) if best else (iterations, trainer.meta)
+    session_seconds = seconds - (resume.info.get("train_seconds", 0.0) if resume else 0.0)
     return {
         "iterations": iterations,
         "seconds": seconds,
-        "iterations_per_second": trained / seconds if seconds else None,
-        "tasks_per_second": trained * spec.algorithm.meta_batch / seconds if seconds else None,
-        "curve": curve,
-        "validation": validation,
+        "iterations_per_second": trained / session_seconds if session_seconds > 0 else None,
+        "tasks_per_second": (trained * spec.algorithm.meta_batch / session_seconds
+                             if session_seconds > 0 else None),
+        "curve": history.curve,
+        "validation": history.validation,
         "checkpoint": str(final),
         "selected_iteration": selected_iteration,
         "selected_checkpoint": str(checkpoint_dir / "best.safetensors") if best else str(final),
     }, selected
 
 
-def validate(job: Job, validator: Evaluator, trainer: MetaTrainer) -> float:
+def validate(job: Job, validator: Evaluator, meta: Meta) -> float:
     spec = job.spec
-    curves = validator.curves(Init("meta", trainer.meta, job.frozen), "val", spec.family.shots,
+    curves = validator.curves(Init("meta", meta, job.frozen), "val", spec.family.shots,
                               spec.eval.val_tasks, VAL_STREAM, spec.eval.chunk)
     return float(curves[:, -1].mean())
-
-
-def save(job: Job, trainer: MetaTrainer, checkpoint_dir: Path, iteration: int) -> Path:
-    path = save_checkpoint(checkpoint_path(checkpoint_dir, iteration), iteration, trainer.meta,
-                           trainer.optimizer.state, job.frozen,
-                           {"job": job.spec.name, "algorithm": job.algorithm.name})
-    prune_checkpoints(checkpoint_dir, job.spec.checkpoint.keep,
-                      protect={job.spec.algorithm.iterations})
-    return path
 
 
 def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from mlx.utils import tree_map
 from metapeft_dist.algorithms import Task
 from metapeft_dist.algorithms.outer import make_optimizer, outer_step
 from metapeft_dist.job import Job
+from metapeft_dist.runtime.checkpoint import save_checkpoint
 from metapeft_dist.tree import Meta
 
 
@@ -39,6 +40,7 @@ class MetaTrainer:
             self.optimizer.state = optimizer_state
         self.loss_fn = job.loss_fn()
         self._steps: dict[Hashable, Callable] = {}
+        self._prefetch: Prefetcher | None = None
 
     @property
     def meta(self) -> Meta:
@@ -72,10 +74,14 @@ class MetaTrainer:
         return step
 
     def step(self, iteration: int, batch: Task | None = None) -> tuple[float, float]:
-        """One meta-iteration; returns (mean query loss after adaptation, gradient norm)."""
+        """One meta-iteration; returns (mean query loss after adaptation, gradient norm).
+
+        Without ``batch``, the iteration's tasks come from a prefetching sampler when
+        iterations are stepped in order.
+        """
         algorithm = self.job.algorithm
         if batch is None:
-            batch = self.job.batch(iteration)
+            batch = self._next_batch(iteration)
         fn = self._step_fn(algorithm.phase(iteration))
         inputs = algorithm.step_inputs(iteration)
         if algorithm.updates_per_batch:
@@ -93,6 +99,28 @@ class MetaTrainer:
         mx.eval(loss, norm, self.holder, self.optimizer.state)
         return loss.item(), norm.item()
 
+    def _next_batch(self, iteration: int) -> Task:
+        if self._prefetch is None or self._prefetch.next_iteration != iteration:
+            if self._prefetch is not None:
+                self._prefetch.close()
+            self._prefetch = Prefetcher(self.job, iteration)
+        return self._prefetch.batch(iteration)
+
+    # --- the executor interface (see runner.Executor) -------------------------------------
+
+    def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
+                   best: Meta | None = None) -> None:
+        save_checkpoint(path, iteration, self.meta, self.optimizer.state, self.job.frozen,
+                        info, best)
+
+    def stats(self) -> dict[str, Any]:
+        return {"mode": "local", "workers": 0}
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
 
 class Prefetcher:
     """Samples the next iteration's tasks on a thread while the current one computes.
@@ -101,23 +129,25 @@ class Prefetcher:
     so prefetching changes timing only, never which tasks an iteration sees.
     """
 
-    def __init__(self, job: Job, start: int, stop: int):
+    def __init__(self, job: Job, start: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.job, self.stop = job, stop
+        self.job = job
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-sampler")
+        self.next_iteration = start
         self._next = self._submit(start)
 
     def _submit(self, iteration: int):
-        if iteration >= self.stop:
-            return None
         indices = range(self.job.spec.algorithm.meta_batch)
         return self._pool.submit(self.job.episodes, "train", iteration, indices)
 
     def batch(self, iteration: int) -> Task:
         from metapeft_dist.job import to_mx
 
+        if iteration != self.next_iteration:
+            raise ValueError(f"prefetched iteration {self.next_iteration}, asked for {iteration}")
         episode = self._next.result()
+        self.next_iteration = iteration + 1
         self._next = self._submit(iteration + 1)
         return to_mx(episode)
 

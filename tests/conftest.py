@@ -25,3 +25,17 @@ eval: {tasks: 8, shots: [5], steps: 3, every: 10, val_tasks: 4, chunk: 4,
        baselines: [random]}
 checkpoint: {every: 10, keep: 2}
 """
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 `mlx` workers) for a test module; jobs run in it join it
+    instead of starting their own."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, resources={"mlx": 2}, include_dashboard=False,
+             logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -15,7 +15,7 @@ SHORT = ["algorithm.iterations=4", "eval.tasks=6", "eval.val_tasks=4", "eval.chu
 
 
 @pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_job_runs(path, tmp_path):
+def test_job_runs(path, tmp_path, local_ray):
     spec = load_spec(path, SHORT)
     results = run_job(spec, tmp_path / "run")
     ev = results["evaluation"]
@@ -27,3 +27,9 @@ def test_job_runs(path, tmp_path):
             if ev["higher_is_better"]:
                 assert all(0.0 <= m <= 1.0 for m in entry["mean"])
     assert results["meta_training"]["selected_iteration"] in (2, 4)
+    runtime = results["runtime"]
+    assert runtime["mode"] == spec.runtime.mode
+    if spec.runtime.mode == "sync":  # every chunk of every iteration applied exactly once
+        ps = runtime["parameter_server"]
+        chunks = -(-spec.algorithm.meta_batch // spec.runtime.chunk)
+        assert ps["accepted"] == 4 * chunks and ps["applied"] == 4

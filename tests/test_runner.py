@@ -14,7 +14,7 @@ from metapeft_dist.runner import run_job
 from metapeft_dist.runtime.checkpoint import list_checkpoints, load_checkpoint
 
 
-def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text):
+def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local_ray):
     spec = parse_spec(tiny_spec_text, default_name="tiny")
     seen = []
     results = run_job(spec, tmp_path / "run", lambda *a: seen.append(a[0]))
@@ -55,8 +55,8 @@ def test_the_selected_init_is_the_best_validated_one(tmp_path, tiny_spec_text):
 
     spec = parse_spec(tiny_spec_text, overrides=["eval.every=5"])
     job = build_job(spec)
-    summary, selected = meta_train(job, MetaTrainer(job), tmp_path / "ckpt")
-    best = load_checkpoint(tmp_path / "ckpt" / "best.safetensors")
+    summary, selected = meta_train(job, MetaTrainer(job), tmp_path)
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.safetensors")
     assert summary["selected_iteration"] == best.iteration
     assert best.iteration != spec.algorithm.iterations  # this run peaks before its end
     final = load_checkpoint(summary["checkpoint"])
@@ -66,7 +66,7 @@ def test_the_selected_init_is_the_best_validated_one(tmp_path, tiny_spec_text):
                for n in selected["params"])
 
 
-def test_final_checkpoint_equals_an_identical_rerun(tmp_path, tiny_spec_text):
+def test_final_checkpoint_equals_an_identical_rerun(tmp_path, tiny_spec_text, local_ray):
     spec = parse_spec(tiny_spec_text, overrides=["eval.every=0", "eval.select=last",
                                                  "checkpoint.every=0"])
     a = run_job(spec, tmp_path / "a")

@@ -75,7 +75,7 @@ def test_snapshots_survive_later_compiled_steps():
 
 def test_prefetched_batches_are_the_keyed_ones():
     job = build_job(parse_spec(SIN))
-    prefetch = Prefetcher(job, 3, 6)
+    prefetch = Prefetcher(job, 3)
     try:
         for it in (3, 4, 5):
             got = prefetch.batch(it)

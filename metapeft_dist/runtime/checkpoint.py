@@ -41,6 +41,7 @@ class Checkpoint:
     frozen: Params
     info: dict[str, Any]
     best: Meta | None = None
+    path: str = ""
 
 
 def _raw_bytes(array: mx.array) -> bytes:
@@ -106,7 +107,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} has bad metadata: {err}") from None
     tree = unflatten(arrays)
     return Checkpoint(iteration, tree.get("meta", {}), tree.get("opt", {}),
-                      tree.get("frozen", {}), info, tree.get("best"))
+                      tree.get("frozen", {}), info, tree.get("best"), str(path))
 
 
 def newest_good_checkpoint(directory: str | Path,

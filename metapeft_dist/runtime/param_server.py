@@ -42,7 +42,7 @@ class ParameterServer:
         self.version = 0
         if resume_from is not None:
             ck = load_checkpoint(resume_from)
-            self.meta, self.version = ck.meta, ck.iteration
+            self.meta, self.version = ck.meta, ck.info.get("version", ck.iteration)
             self.optimizer.state = ck.optimizer_state
         runtime = self.spec.runtime
         self.mode = runtime.mode
@@ -153,10 +153,13 @@ class ParameterServer:
 
     # --- checkpoints --------------------------------------------------------------------
 
-    def checkpoint(self, path: str, info: dict[str, Any], best_frame: bytes | None = None) -> str:
+    def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
+                   best_frame: bytes | None = None) -> str:
+        """Write (atomically) the state after meta-iteration ``iteration``; the version
+        (outer updates applied, fewer than iterations in async mode) goes in the info."""
         best = decode(best_frame, self.tree_spec).tree if best_frame is not None else None
-        save_checkpoint(path, self.version, self.meta, self.optimizer.state, self.frozen,
-                        info, best)
+        save_checkpoint(path, iteration, self.meta, self.optimizer.state, self.frozen,
+                        {**info, "version": self.version}, best)
         return path
 
     # --- internals ----------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_checkpoint_and_resume_continue_identically(tmp_path):
         server.apply(it)
 
     iterate(ps, 0)
-    ps.checkpoint(str(tmp_path / "c.safetensors"), {"job": "t"})
+    ps.checkpoint(str(tmp_path / "c.safetensors"), 1, {"job": "t"})
     iterate(ps, 1)
     resumed = ParameterServer(spec.to_dict(), encode(job.initial_meta, 0),
                               encode({"frozen": job.frozen}, 0), total_updates=10,

@@ -1,0 +1,359 @@
+"""The Ray driver: connects to (or starts) a Ray cluster, runs the parameter server and
+one MLX worker per `mlx` resource, and executes meta-iterations on them.
+
+Per meta-iteration it cuts the meta-batch into chunks at fixed task boundaries, hands
+chunks to idle workers as they free up (``ray.wait``, so faster machines take more),
+and passes each result on to the parameter server. Only task keys go out, and only
+trainable meta-parameters travel, as wire frames.
+
+Faults: a worker (or its node) that dies mid-chunk loses only that chunk, which goes to
+another worker; the parameter server counts each (iteration, chunk) once. Workers are
+restarted by Ray (``max_restarts=-1``) and rejoin when a ping answers, e.g. when their
+node comes back. New `mlx` capacity (a machine added) gets a new worker.
+
+:class:`RayExecutor` offers the same ``step`` / ``snapshot`` / ``checkpoint`` interface
+as the in-process :class:`metapeft_dist.trainer.MetaTrainer`; ``runner.py`` drives both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import (
+    ActorUnavailableError, ObjectLostError, OwnerDiedError, RayActorError, WorkerCrashedError)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from metapeft_dist.job import Job
+from metapeft_dist.runtime.param_server import ParameterServer
+from metapeft_dist.runtime.worker import Worker
+from metapeft_dist.tree import Meta
+from metapeft_dist.wire import TreeSpec, decode, encode
+
+# A worker or its node is gone (maybe for good, maybe restarting), or the result object
+# went with it: the chunk is redone elsewhere.
+LOST = (RayActorError, ActorUnavailableError, WorkerCrashedError, ObjectLostError,
+        OwnerDiedError)
+WAIT_SECONDS = 0.5
+PING_RETRY_SECONDS = 1.0
+SCALE_CHECK_SECONDS = 5.0
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run this job (unreachable, or no `mlx` workers)."""
+
+
+class StallError(RuntimeError):
+    """No task result arrived for ``runtime.stall_timeout`` seconds."""
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, with one clear line, when nothing listens at ``host:port``."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return  # ray resolves these itself
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} must look like HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: "
+                           f"{err.strerror or err}") from None
+
+
+def default_local_workers() -> int:
+    """Workers on the embedded local Ray: one per core on Linux (MLX on the CPU, one
+    BLAS thread each); one on macOS, where MLX runs on the machine's single GPU."""
+    return 1 if sys.platform == "darwin" else max(1, os.cpu_count() or 1)
+
+
+def connect(address: str | None, workers: int | None) -> bool:
+    """Join the cluster at ``address``, or start an embedded local Ray with ``workers``
+    `mlx` resources. Returns True when this call started Ray (and must stop it).
+
+    An already initialized Ray (a test's cluster, a notebook) is used as it is.
+    """
+    if ray.is_initialized():
+        return False
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError ...
+            raise ClusterError(f"cannot reach the Ray cluster at {address}: {err}") from None
+        return False
+    ray.init(num_cpus=max(1, os.cpu_count() or 1),
+             resources={"mlx": workers or default_local_workers()},
+             include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    return True
+
+
+class RayExecutor:
+    def __init__(self, job: Job, address: str | None = None, resume_path: str | None = None,
+                 start_iteration: int = 0, log: Callable[[str], None] = lambda m: None):
+        self.job = job
+        self.spec = job.spec
+        self.runtime = job.spec.runtime
+        self.log = log
+        self.embedded = connect(address, self.runtime.workers)
+        self.tree_spec = TreeSpec.of(job.initial_meta)
+        a = self.spec.algorithm
+        chunk = self.runtime.chunk
+        self.chunks = [(s, min(chunk, a.meta_batch - s)) for s in range(0, a.meta_batch, chunk)]
+        total = a.iterations * (1 if self.runtime.mode == "sync" else len(self.chunks))
+        here = ray.get_runtime_context().get_node_id()
+        ServerActor = ray.remote(ParameterServer).options(
+            num_cpus=0, max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
+        self.ps = ServerActor.remote(self.spec.to_dict(), encode(job.initial_meta, 0),
+                                     encode({"frozen": job.frozen}, 0), total, resume_path)
+        self.version = ray.get(self.ps.get_version.remote())
+        self._worker_class = ray.remote(Worker).options(
+            num_cpus=0, resources={"mlx": 1}, max_restarts=-1, max_task_retries=0)
+        self.workers: list[Any] = []
+        self.idle: deque = deque()
+        self.pings: dict[Any, Any] = {}  # ping ref -> worker handle (starting or recovering)
+        self.retry_at: dict[Any, float] = {}  # recovering handle -> when to ping again
+        wanted = self.runtime.workers or self._mlx_capacity()
+        if wanted < 1:
+            raise ClusterError("the Ray cluster declares no `mlx` resource: start each node "
+                               "with ray start --resources='{\"mlx\": 1}'")
+        for _ in range(wanted):
+            self._add_worker()
+        self.counters = {"dispatched": 0, "completed": 0, "lost": 0, "duplicates": 0}
+        self.task_seconds: list[float] = []
+        self.per_host: dict[str, dict[str, float]] = {}
+        self.bytes_out: list[int] = []
+        self.bytes_in: list[int] = []
+        # async mode: chunks flow across iteration boundaries
+        self._async_queue: deque = deque((it, s, n) for it in range(start_iteration, a.iterations)
+                                         for s, n in self.chunks)
+        self._async_left = {it: len(self.chunks) for it in range(start_iteration, a.iterations)}
+        self._async_losses: dict[int, list[tuple[float, float]]] = {}
+        self._inflight: dict[Any, tuple[Any, tuple[int, int, int], Any]] = {}
+        self._meta_ref: tuple[int, Any] | None = None
+        self._next_scale_check = time.monotonic() + SCALE_CHECK_SECONDS
+
+    # --- workers ------------------------------------------------------------------------
+
+    def _mlx_capacity(self) -> int:
+        return int(ray.cluster_resources().get("mlx", 0))
+
+    def _add_worker(self) -> None:
+        handle = self._worker_class.remote(self.spec.to_dict())
+        self.workers.append(handle)
+        self.pings[handle.ping.remote()] = handle
+
+    def _scale_out(self) -> None:
+        """A worker for each `mlx` resource that joined the cluster since the start
+        (checked every SCALE_CHECK_SECONDS)."""
+        now = time.monotonic()
+        if now < self._next_scale_check:
+            return
+        self._next_scale_check = now + SCALE_CHECK_SECONDS
+        if self.runtime.workers is None:
+            for _ in range(self._mlx_capacity() - len(self.workers)):
+                self.log("a new `mlx` resource joined the cluster: starting a worker")
+                self._add_worker()
+
+    def _lost(self, handle: Any | None, err: BaseException) -> None:
+        """A chunk was lost with its worker (``handle``, to be pinged until it answers
+        again) or, with ``handle`` None, its result object was."""
+        self.counters["lost"] += 1
+        self.log(f"a chunk was lost ({type(err).__name__}); it goes to another worker")
+        if handle is not None:
+            self.retry_at[handle] = time.monotonic()
+
+    def _ping_recovering(self) -> None:
+        now = time.monotonic()
+        for handle, when in list(self.retry_at.items()):
+            if when <= now:
+                del self.retry_at[handle]
+                self.pings[handle.ping.remote()] = handle
+
+    # --- dispatch -----------------------------------------------------------------------
+
+    def _meta(self) -> Any:
+        """An object ref of the current meta-parameter frame (one fetch per version)."""
+        if self._meta_ref is None or self._meta_ref[0] != self.version:
+            self._meta_ref = (self.version, self.ps.meta_frame.remote())
+        return self._meta_ref[1]
+
+    def _dispatch(self, handle: Any, key: tuple[int, int, int]) -> None:
+        iteration, start, count = key
+        timings_ref, frame_ref = handle.run.options(num_returns=2).remote(
+            self.version, self._meta(), iteration, start, count)
+        self._inflight[timings_ref] = (handle, key, frame_ref)
+        self.counters["dispatched"] += 1
+
+    def _wait(self) -> tuple[list[tuple[Any, tuple[int, int, int], Any, dict]], list]:
+        """Wait (at most WAIT_SECONDS) for chunks and pings to finish. Returns the
+        finished chunks as (handle, key, frame_ref, timings) and the keys of lost ones."""
+        self._ping_recovering()
+        refs = list(self._inflight) + list(self.pings)
+        if not refs:
+            time.sleep(WAIT_SECONDS)
+            return [], []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_SECONDS)
+        if ready:  # take everything else that is already done too
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done, lost = [], []
+        for ref in ready:
+            if ref in self.pings:
+                handle = self.pings.pop(ref)
+                try:
+                    ray.get(ref)
+                    self.idle.append(handle)
+                except LOST:
+                    self.retry_at[handle] = time.monotonic() + PING_RETRY_SECONDS
+                continue
+            handle, key, frame_ref = self._inflight.pop(ref)
+            try:
+                timings = ray.get(ref)
+            except LOST as err:
+                self._lost(handle, err)
+                lost.append(key)
+                continue
+            self.idle.append(handle)
+            self._record(timings)
+            done.append((handle, key, frame_ref, timings))
+        return done, lost
+
+    def _record(self, timings: dict[str, Any]) -> None:
+        self.counters["completed"] += 1
+        self.task_seconds.append(timings["seconds"])
+        self.bytes_out.append(timings["bytes_out"])
+        self.bytes_in.append(timings["bytes_in"])
+        host = self.per_host.setdefault(f"{timings['host']}:{timings['pid']}",
+                                        {"chunks": 0, "compute_seconds": 0.0})
+        host["chunks"] += 1
+        host["compute_seconds"] += timings["compute_seconds"]
+
+    def _loop(self, todo: deque, finished: Callable[[], bool], on_result: Callable) -> None:
+        last_progress = time.monotonic()
+        while not finished():
+            while todo and self.idle:
+                self._dispatch(self.idle.popleft(), todo.popleft())
+            results, lost = self._wait()
+            todo.extend(lost)
+            for item in results:
+                try:
+                    on_result(*item)
+                except LOST as err:  # the result object went with its node
+                    self._lost(None, err)
+                    todo.append(item[1])
+            if results:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > self.runtime.stall_timeout:
+                live = len(self.workers) - len(self.retry_at) - len(self.pings)
+                raise StallError(
+                    f"no task result for {self.runtime.stall_timeout:.0f} s "
+                    f"({live} of {len(self.workers)} workers answering)")
+
+    # --- the executor interface ---------------------------------------------------------
+
+    def step(self, iteration: int) -> tuple[float, float]:
+        """One meta-iteration: (mean query loss after adaptation, gradient norm)."""
+        self._scale_out()
+        if self.runtime.mode == "sync":
+            return self._step_sync(iteration)
+        return self._step_async(iteration)
+
+    def _step_sync(self, iteration: int) -> tuple[float, float]:
+        if iteration != self.version:
+            raise RuntimeError(f"sync step {iteration} at parameter-server version "
+                               f"{self.version}")
+        todo = deque((iteration, s, n) for s, n in self.chunks)
+        accepted: set[int] = set()
+        submitted: dict[Any, tuple[int, int, int]] = {}  # ps.submit ref -> chunk
+
+        def on_result(handle, key, frame_ref, timings):
+            # Not waited for here: the parameter server takes results in the order they
+            # are sent, and all are checked before the update is applied.
+            submitted[self.ps.submit.remote(iteration, key[1], frame_ref)] = key
+
+        while len(accepted) < len(self.chunks):
+            self._loop(todo, lambda: not todo and not self._inflight, on_result)
+            for ref, key in list(submitted.items()):
+                del submitted[ref]
+                try:
+                    status = ray.get(ref)
+                except LOST as err:  # the result object went with its node
+                    self._lost(None, err)
+                    todo.append(key)
+                    continue
+                if status == "accepted":
+                    accepted.add(key[1])
+                elif status == "duplicate":
+                    self.counters["duplicates"] += 1
+                else:
+                    raise RuntimeError(f"parameter server refused chunk {key}: {status}")
+        out = ray.get(self.ps.apply.remote(iteration))
+        self.version = out["version"]
+        return out["loss"], out["grad_norm"]
+
+    def _step_async(self, iteration: int) -> tuple[float, float]:
+        def on_result(handle, key, frame_ref, timings):
+            it, start, _ = key
+            out = ray.get(self.ps.submit_async.remote(it, start, frame_ref))
+            if out["status"] == "duplicate":
+                self.counters["duplicates"] += 1
+                return
+            if out["status"].startswith("rejected"):
+                raise RuntimeError(f"parameter server refused chunk {key}: {out['status']}")
+            self.version = out["version"]
+            self._async_left[it] -= 1
+            if out["status"] == "applied":
+                self._async_losses.setdefault(it, []).append((out["loss"], out["grad_norm"]))
+
+        self._loop(self._async_queue,
+                   lambda: all(n == 0 for i, n in self._async_left.items() if i <= iteration),
+                   on_result)
+        losses = self._async_losses.pop(iteration, [])
+        if not losses:
+            return float("nan"), float("nan")
+        return (sum(loss for loss, _ in losses) / len(losses),
+                sum(norm for _, norm in losses) / len(losses))
+
+    def snapshot(self) -> Meta:
+        return decode(ray.get(self.ps.meta_frame.remote()), self.tree_spec).tree
+
+    def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
+                   best: Meta | None = None) -> None:
+        best_frame = encode(best, 0) if best is not None else None
+        ray.get(self.ps.checkpoint.remote(str(path), iteration, info, best_frame))
+
+    def stats(self) -> dict[str, Any]:
+        ps = ray.get(self.ps.get_stats.remote())
+        latencies = sorted(ps.pop("update_seconds"))
+        staleness = ps.pop("applied_staleness")
+        seconds = sorted(self.task_seconds)
+        n = len(self.bytes_out) or 1
+        per_task = self.spec.runtime.chunk
+        return {
+            "mode": self.runtime.mode,
+            "workers": len(self.workers),
+            "chunk": per_task,
+            **self.counters,
+            "parameter_server": ps,
+            "update_seconds_median": latencies[len(latencies) // 2] if latencies else None,
+            "update_seconds_max": latencies[-1] if latencies else None,
+            "chunk_seconds_median": seconds[len(seconds) // 2] if seconds else None,
+            "bytes_out_per_task": sum(self.bytes_out) / n / per_task,
+            "bytes_in_per_chunk": sum(self.bytes_in) / n,
+            "max_applied_staleness": max(staleness) if staleness else None,
+            "per_worker": self.per_host,
+        }
+
+    def close(self) -> None:
+        for handle in self.workers:
+            ray.kill(handle, no_restart=True)
+        ray.kill(self.ps, no_restart=True)
+        if self.embedded:
+            ray.shutdown()
