@@ -1,0 +1,265 @@
+"""The Ray runtime on a real multi-node cluster on this machine (ray.cluster_utils: a
+head plus three nodes that each declare `mlx: 1`): sync results are bitwise identical
+for any worker count and any faults; a killed node or worker costs nothing but time;
+a SIGKILLed driver resumes bitwise; async never applies a result staler than S."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from metapeft_dist.config import parse_spec
+from metapeft_dist.runner import run_job
+from metapeft_dist.runtime.checkpoint import list_checkpoints, load_checkpoint
+
+SPEC = """
+name: cluster
+family: {name: sinusoid, shots: 5, query: 5}
+model: {hidden: [32, 32]}
+algorithm: {name: maml, meta_batch: 6, iterations: 16}
+inner: {steps: 2, lr: 0.01}
+eval: {tasks: 8, shots: [5], steps: 2, every: 0, select: last, baselines: [random]}
+checkpoint: {every: 4, keep: 3}
+runtime: {chunk: 2}
+"""
+CHUNKS_PER_ITERATION = 3
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(3):
+        c.add_node(num_cpus=1, resources={"mlx": 1})
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _spec(*overrides):
+    return parse_spec(SPEC, overrides=list(overrides))
+
+
+def _final_meta(results):
+    return load_checkpoint(results["meta_training"]["checkpoint"]).meta
+
+
+def _bitwise_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(
+        a[g].keys() == b[g].keys() and all(mx.array_equal(a[g][n], b[g][n]) for n in a[g])
+        for g in a)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """The fault-free run with three workers."""
+    return run_job(_spec("runtime.workers=3"), tmp_path_factory.mktemp("ref") / "run")
+
+
+def test_sync_is_bitwise_identical_for_1_2_3_workers(cluster, reference, tmp_path):
+    ref = _final_meta(reference)
+    stats = reference["runtime"]
+    assert stats["workers"] == 3 and len(stats["per_worker"]) >= 2  # the work was shared
+    assert stats["parameter_server"]["accepted"] == 16 * CHUNKS_PER_ITERATION
+    for workers in (1, 2):
+        results = run_job(_spec(f"runtime.workers={workers}"), tmp_path / f"w{workers}")
+        assert results["runtime"]["workers"] == workers
+        assert _bitwise_equal(_final_meta(results), ref), f"{workers} workers differ"
+
+
+def _run_in_thread(spec, run_dir, when_iteration, action, pace_after=0.0):
+    """Run the job on a thread; call ``action()`` once it has finished
+    ``when_iteration`` iterations; return the results. ``pace_after`` seconds are spent
+    in the progress callback of every iteration after the action, so that a short job
+    outlasts slow recoveries (the driver itself is not changed)."""
+    reached = threading.Event()
+    acted = threading.Event()
+    out: dict = {}
+
+    def progress(stage, done, total, info):
+        if stage == "meta-train" and done >= when_iteration:
+            reached.set()
+            if acted.is_set():
+                time.sleep(pace_after)
+
+    def target():
+        try:
+            out["results"] = run_job(spec, run_dir, progress)
+        except BaseException as err:  # surfaced below
+            out["error"] = err
+        reached.set()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    assert reached.wait(120)
+    action()
+    acted.set()
+    thread.join(300)
+    assert not thread.is_alive()
+    if "error" in out:
+        raise out["error"]
+    return out["results"]
+
+
+def _worker_nodes(cluster):
+    return [n for n in cluster.list_all_nodes() if n is not cluster.head_node]
+
+
+def test_a_node_killed_mid_run_costs_nothing_but_time(cluster, reference, tmp_path):
+    victim = _worker_nodes(cluster)[0]
+    results = _run_in_thread(_spec("runtime.workers=3"), tmp_path / "run", 3,
+                             lambda: cluster.remove_node(victim, allow_graceful=False))
+    stats = results["runtime"]
+    ps = stats["parameter_server"]
+    # Every planned chunk applied exactly once, none twice, whatever was lost.
+    assert ps["accepted"] == 16 * CHUNKS_PER_ITERATION and ps["applied"] == 16
+    assert ps["duplicates"] == 0 and stats["duplicates"] == 0
+    assert stats["completed"] == stats["dispatched"] - stats["lost"]
+    assert _bitwise_equal(_final_meta(results), _final_meta(reference))
+    cluster.add_node(num_cpus=1, resources={"mlx": 1})  # restore for the next tests
+    cluster.wait_for_nodes()
+
+
+def _workers(**where):
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "Worker")] + [(k, "=", v) for k, v in where.items()]
+    return list_actors(filters=filters, detail=True)
+
+
+def _chunks_by_pid(stats) -> dict[int, int]:
+    return {int(key.rsplit(":", 1)[1]): v["chunks"] for key, v in stats["per_worker"].items()}
+
+
+def test_a_killed_worker_is_restarted_and_rejoins(cluster, reference, tmp_path):
+    spec = _spec("runtime.workers=3", "algorithm.iterations=100", "checkpoint.every=25")
+    killed = {}
+
+    def kill_one_worker_process():
+        victim = _workers(state="ALIVE")[0]
+        killed.update(actor_id=victim["actor_id"], pid=victim["pid"])
+        os.kill(victim["pid"], signal.SIGKILL)
+
+    results = _run_in_thread(spec, tmp_path / "run", 3, kill_one_worker_process,
+                             pace_after=0.03)
+    stats = results["runtime"]
+    assert stats["parameter_server"]["accepted"] == 100 * CHUNKS_PER_ITERATION
+    assert stats["parameter_server"]["duplicates"] == 0
+    # Ray restarted the actor in a new process, which rejoined and took chunks.
+    restarted = _workers(actor_id=killed["actor_id"])[0]
+    assert restarted["pid"] != killed["pid"]
+    assert _chunks_by_pid(stats).get(restarted["pid"], 0) > 0
+    fault_free = run_job(spec, tmp_path / "free")
+    assert _bitwise_equal(_final_meta(results), _final_meta(fault_free))
+
+
+def test_a_worker_whose_node_returns_rejoins(cluster, tmp_path):
+    spec = _spec("runtime.workers=3", "algorithm.iterations=200", "checkpoint.every=50")
+
+    returned = {}
+
+    def node_leaves_and_returns():
+        cluster.remove_node(_worker_nodes(cluster)[0], allow_graceful=True)
+        returned["node"] = cluster.add_node(num_cpus=1, resources={"mlx": 1})
+
+    # ~10 s after the node returns: time for Ray to restart the actor there and for
+    # the driver's pings to find it.
+    results = _run_in_thread(spec, tmp_path / "run", 3, node_leaves_and_returns,
+                             pace_after=0.05)
+    stats = results["runtime"]
+    assert stats["parameter_server"]["accepted"] == 200 * CHUNKS_PER_ITERATION
+    # The worker Ray restarted on the returned node took chunks.
+    on_new_node = _workers(node_id=returned["node"].node_id)
+    assert len(on_new_node) == 1
+    assert _chunks_by_pid(stats).get(on_new_node[0]["pid"], 0) > 0
+
+
+def _cli(*args, timeout=300):
+    return subprocess.Popen([sys.executable, "-m", "metapeft_dist.cli", "run", *args, "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def _spec_file(tmp_path, *overrides) -> Path:
+    import yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(*overrides).to_dict()))
+    return path
+
+
+def _kill_after_checkpoint(run_dir: Path, cluster, spec_path: Path, iteration: int):
+    driver = _cli(str(spec_path), "--address", cluster.address, "--run-dir", str(run_dir))
+    deadline = time.monotonic() + 240
+    while not any(it >= iteration for it, _ in list_checkpoints(run_dir / "checkpoints")):
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+
+
+def test_a_sigkilled_driver_resumes_bitwise(cluster, tmp_path):
+    # Long enough that the kill lands mid-run, after the iteration-40 checkpoint.
+    spec_path = _spec_file(tmp_path, "algorithm.iterations=200", "checkpoint.every=40")
+    uninterrupted = run_job(_spec("algorithm.iterations=200", "checkpoint.every=40"),
+                            tmp_path / "whole")
+    run_dir = tmp_path / "killed"
+    _kill_after_checkpoint(run_dir, cluster, spec_path, 40)
+    assert not (run_dir / "results.json").exists()  # it really died mid-run
+    last = max(it for it, _ in list_checkpoints(run_dir / "checkpoints"))
+    assert last < 200
+    resumed = _cli("--resume", str(run_dir), "--address", cluster.address)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resuming {run_dir} from iteration {last}" in err
+    final = load_checkpoint(run_dir / "checkpoints" / "ckpt-00000200.safetensors").meta
+    assert _bitwise_equal(final, _final_meta(uninterrupted))
+
+
+def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(cluster, tmp_path):
+    spec_path = _spec_file(tmp_path, "algorithm.iterations=200", "checkpoint.every=20")
+    run_dir = tmp_path / "killed"
+    _kill_after_checkpoint(run_dir, cluster, spec_path, 40)
+    found = list_checkpoints(run_dir / "checkpoints")
+    (newest_it, newest), (previous_it, _) = found[-1], found[-2]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    resumed = _cli("--resume", str(run_dir), "--address", cluster.address)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    warnings = [line for line in err.splitlines() if newest.name in line]
+    assert len(warnings) == 1 and "corrupt" in warnings[0]
+    assert f"from iteration {previous_it}" in err
+    whole = run_job(_spec("algorithm.iterations=200", "checkpoint.every=20"), tmp_path / "w")
+    final = load_checkpoint(run_dir / "checkpoints" / "ckpt-00000200.safetensors").meta
+    assert _bitwise_equal(final, _final_meta(whole))
+
+
+@pytest.mark.parametrize("bound", [0, 1])
+def test_async_never_applies_a_result_staler_than_the_bound(cluster, tmp_path, bound):
+    results = run_job(_spec("runtime.mode=async", f"runtime.staleness={bound}",
+                            "runtime.workers=3", "runtime.chunk=1"), tmp_path / "run")
+    stats = results["runtime"]
+    ps = stats["parameter_server"]
+    planned = 16 * 6
+    assert ps["produced"] == planned  # no faults here: every dispatched chunk came back
+    assert ps["applied"] + ps["dropped"] == ps["produced"]
+    assert stats["max_applied_staleness"] <= bound
+    assert ps["version"] == ps["applied"]
+    if bound == 0:
+        assert ps["dropped"] > 0  # three workers reading one version: some must be stale
