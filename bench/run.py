@@ -12,6 +12,9 @@ Sections:
   digits    jobs/digits-*.yaml, five algorithms: 1-shot gain over random init and
             5-shot accuracy after the inner-loop step count, with 95% CIs
   gaussian  jobs/gaussian-*.yaml: accuracy with 5 examples per class
+  distributed  tasks/s with 1 and 2 Ray workers on ~0.2 s tasks, framework overhead
+            per task against the same computation in-process, parameter-server update
+            latency and wire bytes per task
 """
 
 from __future__ import annotations
@@ -70,14 +73,15 @@ def bench_speed() -> dict:
     for batching, compiled, iterations in variants:
         rates = []
         for _ in range(3):
-            spec = load_spec(base, [f"run.batching={batching}", f"run.compile={compiled}",
+            spec = load_spec(base, ["runtime.mode=local",
+                                    f"run.batching={batching}", f"run.compile={compiled}",
                                     f"algorithm.iterations={iterations}", "eval.every=0",
                                     "eval.select=last", "checkpoint.every=0"])
             job = build_job(spec)
             trainer = MetaTrainer(job)
             for i in range(10):  # warm-up: compilation, caches
                 trainer.step(i)
-            summary, _ = meta_train(job, trainer, OUT / "tmp-ckpt")
+            summary, _ = meta_train(job, trainer, OUT / "tmp-run")
             rates.append(summary["iterations_per_second"])
         rate = statistics.median(rates)
         key = f"{batching}{'+compile' if compiled == 'true' else ''}"
@@ -155,8 +159,108 @@ def bench_gaussian() -> dict:
     return out
 
 
+DISTRIBUTED_SPEC = """
+name: bench-distributed
+family: {name: digits, ways: 5, shots: 5, query: 15}
+model: {kind: mlp, hidden: [1024, 1024], lora: {rank: 8, alpha: 16}, train: lora}
+algorithm: {name: maml, meta_batch: 8, iterations: 12}
+inner: {steps: 15, lr: 0.1}
+runtime: {mode: sync, chunk: 1}
+"""
+
+
+def bench_distributed(rounds: int = 5) -> dict:
+    """Sync meta-iterations of ~0.1 s tasks (second-order MAML, 15 inner steps, LoRA on a
+    1024-wide MLP) with 1 and 2 Ray workers, against the same per-task computation called
+    in this process. This machine's speed drifts by tens of percent over minutes, so each
+    round measures all three back to back and the ratios are paired within a round."""
+    import ray
+
+    from metapeft_dist.config import parse_spec
+    from metapeft_dist.runtime.driver import RayExecutor
+    from metapeft_dist.runtime.worker import Worker
+    from metapeft_dist.wire import TreeSpec, encode
+
+    spec = parse_spec(DISTRIBUTED_SPEC)
+    job = build_job(spec)
+    batch = spec.algorithm.meta_batch
+    warmup, timed = 2, 6
+    in_process = Worker(spec.to_dict())
+    frame = encode(job.initial_meta, 0)
+    in_process.run(0, frame, 0, 0, 1)
+
+    def in_process_seconds(iteration: int) -> float:
+        times = []
+        for index in range(batch):
+            t0 = time.perf_counter()
+            in_process.run(0, frame, iteration, index, 1)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def ray_run(workers: int, iteration: int) -> dict:
+        """Timed sync iterations; for one worker, the in-process loop is timed in the
+        same Ray session (cluster idle) right before and after, to cancel drift."""
+        ray.init(num_cpus=2, resources={"mlx": workers}, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False)
+        try:
+            executor = RayExecutor(job)
+            for it in range(warmup):
+                executor.step(it)
+            before = in_process_seconds(iteration) if workers == 1 else None
+            t0 = time.perf_counter()
+            for it in range(warmup, warmup + timed):
+                executor.step(it)
+            seconds = time.perf_counter() - t0
+            after = in_process_seconds(iteration) if workers == 1 else None
+            stats = executor.stats()
+            executor.close()
+        finally:
+            ray.shutdown()
+        chunks = sum(w["chunks"] for w in stats["per_worker"].values())
+        compute = sum(w["compute_seconds"] for w in stats["per_worker"].values())
+        return {"seconds_per_task": seconds / (timed * batch), "stats": stats,
+                "worker_compute_per_task": compute / chunks,
+                "in_process": (before + after) / 2 if workers == 1 else None}
+
+    rows = []
+    for r in range(rounds):
+        one, two = ray_run(1, 1 + r), ray_run(2, 1 + r)
+        row = {"in_process": one["in_process"], "one": one["seconds_per_task"],
+               "two": two["seconds_per_task"], "one_compute": one["worker_compute_per_task"],
+               "update": one["stats"]["update_seconds_median"],
+               "bytes_out": one["stats"]["bytes_out_per_task"],
+               "bytes_in": one["stats"]["bytes_in_per_chunk"]}
+        row["speedup"] = row["one"] / row["two"]
+        row["overhead"] = row["one"] / row["in_process"] - 1
+        row["overhead_vs_worker"] = row["one"] / row["one_compute"] - 1
+        rows.append(row)
+        print(f"round {r + 1}: in-process {1000 * row['in_process']:.0f} ms/task, 1 worker "
+              f"{1000 * row['one']:.0f} ms/task (its own compute {1000 * row['one_compute']:.0f}"
+              f" ms), 2 workers {1000 * row['two']:.0f} ms/task: speedup {row['speedup']:.2f}x,"
+              f" overhead {100 * row['overhead']:+.1f}% ({100 * row['overhead_vs_worker']:+.1f}%"
+              " against the worker's own compute)", flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    full = TreeSpec.of(job.model.init(mx_key(0))).nbytes
+    print(f"median of {rounds} rounds: speedup {med['speedup']:.2f}x (target >= 1.6x); overhead "
+          f"{100 * med['overhead']:+.1f}% against in-process, "
+          f"{100 * med['overhead_vs_worker']:+.1f}%"
+          f" against the worker's own compute (target <= 5%); 2 workers "
+          f"{1 / med['two']:.1f} tasks/s, 1 worker {1 / med['one']:.1f}; parameter-server update "
+          f"{1000 * med['update']:.1f} ms; wire {med['bytes_out']:.0f} B out and "
+          f"{med['bytes_in']:.0f} B in per task (LoRA adapters and head only; the whole "
+          f"network is {full} B)")
+    return {"rounds": rows, "median": med, "full_weights_bytes": full}
+
+
+def mx_key(seed: int):
+    import mlx.core as mx
+
+    return mx.random.key(seed)
+
+
 SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
-            "digits": bench_digits, "gaussian": bench_gaussian}
+            "digits": bench_digits, "gaussian": bench_gaussian,
+            "distributed": bench_distributed}
 
 
 def main(argv: list[str]) -> None:

@@ -1,10 +1,10 @@
 """The Ray driver: connects to (or starts) a Ray cluster, runs the parameter server and
 one MLX worker per `mlx` resource, and executes meta-iterations on them.
 
-Per meta-iteration it cuts the meta-batch into chunks at fixed task boundaries, hands
-chunks to idle workers as they free up (``ray.wait``, so faster machines take more),
-and passes each result on to the parameter server. Only task keys go out, and only
-trainable meta-parameters travel, as wire frames.
+Per meta-iteration it cuts the meta-batch into chunks at fixed task boundaries, keeps
+each worker's queue two chunks deep, refilling it as chunks finish (``ray.wait``, so
+faster machines take more), and passes each result on to the parameter server. Only
+task keys go out, and only trainable meta-parameters travel, as wire frames.
 
 Faults: a worker (or its node) that dies mid-chunk loses only that chunk, which goes to
 another worker; the parameter server counts each (iteration, chunk) once. Workers are
@@ -17,6 +17,7 @@ as the in-process :class:`metapeft_dist.trainer.MetaTrainer`; ``runner.py`` driv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -39,6 +40,9 @@ from metapeft_dist.wire import TreeSpec, decode, encode
 LOST = (RayActorError, ActorUnavailableError, WorkerCrashedError, ObjectLostError,
         OwnerDiedError)
 WAIT_SECONDS = 0.5
+# Chunks queued per worker: with two, a worker starts its next chunk the moment it
+# finishes one instead of idling while the driver round-trips.
+SLOTS_PER_WORKER = 2
 PING_RETRY_SECONDS = 1.0
 SCALE_CHECK_SECONDS = 5.0
 
@@ -117,7 +121,7 @@ class RayExecutor:
         self._worker_class = ray.remote(Worker).options(
             num_cpus=0, resources={"mlx": 1}, max_restarts=-1, max_task_retries=0)
         self.workers: list[Any] = []
-        self.idle: deque = deque()
+        self.slots: deque = deque()  # a handle per chunk it can take now
         self.pings: dict[Any, Any] = {}  # ping ref -> worker handle (starting or recovering)
         self.retry_at: dict[Any, float] = {}  # recovering handle -> when to ping again
         wanted = self.runtime.workers or self._mlx_capacity()
@@ -209,7 +213,7 @@ class RayExecutor:
                 handle = self.pings.pop(ref)
                 try:
                     ray.get(ref)
-                    self.idle.append(handle)
+                    self.slots.extend([handle] * SLOTS_PER_WORKER)
                 except LOST:
                     self.retry_at[handle] = time.monotonic() + PING_RETRY_SECONDS
                 continue
@@ -220,7 +224,7 @@ class RayExecutor:
                 self._lost(handle, err)
                 lost.append(key)
                 continue
-            self.idle.append(handle)
+            self.slots.append(handle)
             self._record(timings)
             done.append((handle, key, frame_ref, timings))
         return done, lost
@@ -238,8 +242,8 @@ class RayExecutor:
     def _loop(self, todo: deque, finished: Callable[[], bool], on_result: Callable) -> None:
         last_progress = time.monotonic()
         while not finished():
-            while todo and self.idle:
-                self._dispatch(self.idle.popleft(), todo.popleft())
+            while todo and self.slots:
+                self._dispatch(self.slots.popleft(), todo.popleft())
             results, lost = self._wait()
             todo.extend(lost)
             for item in results:
@@ -280,6 +284,10 @@ class RayExecutor:
 
         while len(accepted) < len(self.chunks):
             self._loop(todo, lambda: not todo and not self._inflight, on_result)
+            # Queued behind the submits (an actor runs calls in order): applies the update
+            # as soon as the last result is in, and returns the next meta-parameters.
+            applied, frame_ref = self.ps.apply_and_frame.options(num_returns=2).remote(
+                iteration)
             for ref, key in list(submitted.items()):
                 del submitted[ref]
                 try:
@@ -294,8 +302,12 @@ class RayExecutor:
                     self.counters["duplicates"] += 1
                 else:
                     raise RuntimeError(f"parameter server refused chunk {key}: {status}")
-        out = ray.get(self.ps.apply.remote(iteration))
+            if len(accepted) < len(self.chunks):  # the update found chunks missing: redo them
+                with contextlib.suppress(ray.exceptions.RayTaskError):
+                    ray.get(applied)
+        out = ray.get(applied)
         self.version = out["version"]
+        self._meta_ref = (self.version, frame_ref)
         return out["loss"], out["grad_norm"]
 
     def _step_async(self, iteration: int) -> tuple[float, float]:

@@ -120,6 +120,11 @@ class ParameterServer:
         return {"version": self.version, "loss": loss / self.meta_batch, "grad_norm": norm,
                 "update_seconds": seconds}
 
+    def apply_and_frame(self, iteration: int) -> tuple[dict[str, Any], bytes]:
+        """:meth:`apply`, and the new meta-parameters' frame for the next iteration (one
+        round trip for the driver instead of two)."""
+        return self.apply(iteration), self.meta_frame()
+
     # --- async --------------------------------------------------------------------------
 
     def submit_async(self, iteration: int, start: int, frame: bytes) -> dict[str, Any]:

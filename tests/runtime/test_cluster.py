@@ -235,7 +235,7 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(cluster,
     run_dir = tmp_path / "killed"
     _kill_after_checkpoint(run_dir, cluster, spec_path, 40)
     found = list_checkpoints(run_dir / "checkpoints")
-    (newest_it, newest), (previous_it, _) = found[-1], found[-2]
+    (_, newest), (previous_it, _) = found[-1], found[-2]
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
