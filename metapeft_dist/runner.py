@@ -118,16 +118,16 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
             (run_dir / "checkpoints").iterdir()):
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                           "or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume is None:
-        (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    else:
-        log(f"resuming {run_dir} from iteration {resume.iteration}")
-    on_progress("setup", 0, 1, {"run_dir": str(run_dir)})
     started = time.time()
     job = build_job(spec)
-    executor = make_executor(job, address, resume, log)
+    executor = make_executor(job, address, resume, log)  # nothing is written before this
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        else:
+            log(f"resuming {run_dir} from iteration {resume.iteration}")
+        on_progress("setup", 0, 1, {"run_dir": str(run_dir)})
         training, selected = meta_train(job, executor, run_dir, on_progress, resume)
         runtime = executor.stats()
     finally:

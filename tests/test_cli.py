@@ -91,3 +91,36 @@ def test_run_prints_the_results_table(tmp_path, tiny_spec_text):
     assert (tmp_path / "run" / "results.json").is_file()
     out = _cli("run", str(spec), "--run-dir", str(tmp_path / "run2"), "--json")
     assert json.loads(out.stdout)["evaluation"]["metric"] == "mse"
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+    (["--address", "nonsense"], "must look like HOST:PORT"),
+])
+def test_unusable_cluster_address_one_line_exit_2(tmp_path, args, phrase):
+    out = _cli("run", str(JOBS / "quickstart.yaml"), "--run-dir", str(tmp_path / "run"), *args)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert phrase in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,phrase", [
+    ([], "give either SPEC or --resume RUN_DIR"),
+    (["--resume", "/nonexistent/run"], "is not a run directory"),
+    (["SPEC", "--resume", "/x"], "give either SPEC or --resume RUN_DIR"),
+])
+def test_bad_resume_usage_one_line_exit_2(args, phrase):
+    args = [str(JOBS / "quickstart.yaml") if a == "SPEC" else a for a in args]
+    out = _cli("run", *args)
+    assert out.returncode == 2 and phrase in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_directory_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-00000010.safetensors").write_bytes(b"precious")
+    out = _cli("run", str(JOBS / "quickstart.yaml"), "--run-dir", str(run))
+    assert out.returncode == 2 and "already holds a run" in out.stderr
+    assert (run / "checkpoints" / "ckpt-00000010.safetensors").read_bytes() == b"precious"
