@@ -177,7 +177,7 @@ def bench_distributed(rounds: int = 5) -> dict:
     import ray
 
     from metapeft_dist.config import parse_spec
-    from metapeft_dist.runtime.driver import RayExecutor
+    from metapeft_dist.runtime.driver import RayExecutor, connect
     from metapeft_dist.runtime.worker import Worker
     from metapeft_dist.wire import TreeSpec, encode
 
@@ -200,8 +200,7 @@ def bench_distributed(rounds: int = 5) -> dict:
     def ray_run(workers: int, iteration: int) -> dict:
         """Timed sync iterations; for one worker, the in-process loop is timed in the
         same Ray session (cluster idle) right before and after, to cancel drift."""
-        ray.init(num_cpus=2, resources={"mlx": workers}, include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=False)
+        connect(None, workers)  # the embedded Ray a user's `metapeft run` starts
         try:
             executor = RayExecutor(job)
             for it in range(warmup):

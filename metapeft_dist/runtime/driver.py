@@ -39,6 +39,11 @@ from metapeft_dist.wire import TreeSpec, decode, encode
 # went with it: the chunk is redone elsewhere.
 LOST = (RayActorError, ActorUnavailableError, WorkerCrashedError, ObjectLostError,
         OwnerDiedError)
+# Results up to this size travel inline with the task reply instead of through the
+# shared-memory object store; a chunk's LoRA gradient (~120 KB) is just over Ray's 100 KB
+# default, and inlining it halves the idle gap between a worker's chunks here. Set for
+# the embedded Ray; a cluster sets it with `ray start --system-config` (cluster/).
+INLINE_RESULT_BYTES = 1 << 20
 WAIT_SECONDS = 0.5
 # Chunks queued per worker: with two, a worker starts its next chunk the moment it
 # finishes one instead of idling while the driver round-trips.
@@ -94,8 +99,20 @@ def connect(address: str | None, workers: int | None) -> bool:
         return False
     ray.init(num_cpus=max(1, os.cpu_count() or 1),
              resources={"mlx": workers or default_local_workers()},
-             include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+             include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+             _system_config={"max_direct_call_object_size": INLINE_RESULT_BYTES})
     return True
+
+
+class RayWorker(Worker):
+    """The worker as a Ray actor. The meta-parameter frame comes as an object ref in a
+    list, which Ray leaves unresolved: it is fetched only when its version is new here,
+    not for every chunk of an iteration."""
+
+    def run_ref(self, version: int, meta_box: list, iteration: int, start: int,
+                count: int) -> tuple[dict[str, Any], bytes]:
+        frame = None if self.has_version(version) else ray.get(meta_box[0])
+        return self.run(version, frame, iteration, start, count)
 
 
 class RayExecutor:
@@ -118,7 +135,7 @@ class RayExecutor:
         self.ps = ServerActor.remote(self.spec.to_dict(), encode(job.initial_meta, 0),
                                      encode({"frozen": job.frozen}, 0), total, resume_path)
         self.version = ray.get(self.ps.get_version.remote())
-        self._worker_class = ray.remote(Worker).options(
+        self._worker_class = ray.remote(RayWorker).options(
             num_cpus=0, resources={"mlx": 1}, max_restarts=-1, max_task_retries=0)
         self.workers: list[Any] = []
         self.slots: deque = deque()  # a handle per chunk it can take now
@@ -135,6 +152,7 @@ class RayExecutor:
         self.per_host: dict[str, dict[str, float]] = {}
         self.bytes_out: list[int] = []
         self.bytes_in: list[int] = []
+        self.spans: list[tuple[str, float, float]] = []  # (worker, started, ended) per chunk
         # async mode: chunks flow across iteration boundaries
         self._async_queue: deque = deque((it, s, n) for it in range(start_iteration, a.iterations)
                                          for s, n in self.chunks)
@@ -191,8 +209,8 @@ class RayExecutor:
 
     def _dispatch(self, handle: Any, key: tuple[int, int, int]) -> None:
         iteration, start, count = key
-        timings_ref, frame_ref = handle.run.options(num_returns=2).remote(
-            self.version, self._meta(), iteration, start, count)
+        timings_ref, frame_ref = handle.run_ref.options(num_returns=2).remote(
+            self.version, [self._meta()], iteration, start, count)
         self._inflight[timings_ref] = (handle, key, frame_ref)
         self.counters["dispatched"] += 1
 
@@ -234,8 +252,9 @@ class RayExecutor:
         self.task_seconds.append(timings["seconds"])
         self.bytes_out.append(timings["bytes_out"])
         self.bytes_in.append(timings["bytes_in"])
-        host = self.per_host.setdefault(f"{timings['host']}:{timings['pid']}",
-                                        {"chunks": 0, "compute_seconds": 0.0})
+        worker = f"{timings['host']}:{timings['pid']}"
+        self.spans.append((worker, timings["started"], timings["ended"]))
+        host = self.per_host.setdefault(worker, {"chunks": 0, "compute_seconds": 0.0})
         host["chunks"] += 1
         host["compute_seconds"] += timings["compute_seconds"]
 

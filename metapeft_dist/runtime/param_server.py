@@ -44,6 +44,7 @@ class ParameterServer:
             ck = load_checkpoint(resume_from)
             self.meta, self.version = ck.meta, ck.info.get("version", ck.iteration)
             self.optimizer.state = ck.optimizer_state
+        self._apply_update = self._make_update()
         runtime = self.spec.runtime
         self.mode = runtime.mode
         self.staleness_bound = runtime.staleness
@@ -182,8 +183,25 @@ class ParameterServer:
             raise WireError("frame header lacks the chunk's float loss")
         return received
 
+    def _make_update(self):
+        """outer_step as one compiled graph (run.compile) over the captured state."""
+        holder = {"meta": self.meta}
+        optimizer, clip_norm = self.optimizer, self.spec.outer.clip_norm
+
+        def update(grad):
+            holder["meta"], norm = outer_step(optimizer, holder["meta"], grad, clip_norm)
+            return norm
+
+        if self.spec.run.compile:
+            state = [holder, optimizer.state]
+            update = mx.compile(update, inputs=state, outputs=state)
+        return holder, update
+
     def _update(self, grad) -> float:
-        self.meta, norm = outer_step(self.optimizer, self.meta, grad, self.spec.outer.clip_norm)
-        mx.eval(self.meta, self.optimizer.state)
+        holder, update = self._apply_update
+        norm = update(grad)
+        mx.eval(norm, holder, self.optimizer.state)
+        # New containers: the next compiled call overwrites the holder's leaves in place.
+        self.meta = tree_map(lambda a: a, holder["meta"])
         self.version += 1
         return norm.item()

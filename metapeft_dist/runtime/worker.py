@@ -47,16 +47,26 @@ class Worker:
             self._steps[phase] = mx.compile(chunk_grad) if self.spec.run.compile else chunk_grad
         return self._steps[phase]
 
-    def run(self, version: int, meta_frame: bytes, iteration: int, start: int,
+    def has_version(self, version: int) -> bool:
+        """Whether the meta-parameters of ``version`` are already here."""
+        return self._meta is not None and self._meta[0] == version
+
+    def run(self, version: int, meta_frame: bytes | None, iteration: int, start: int,
             count: int) -> tuple[dict[str, Any], bytes]:
         """Tasks (iteration, start .. start + count - 1) adapted from ``version``.
 
-        Returns (timings, a frame with the chunk's mean outer gradient whose header
-        carries iteration, start, count and the mean query loss).
+        ``meta_frame`` carries the meta-parameters of ``version``; it may be None when
+        :meth:`has_version`. Returns (timings, a frame with the chunk's mean outer
+        gradient whose header carries iteration, start, count and the mean query loss).
         """
+        started = time.time()
         t0 = time.perf_counter()
-        if self._meta is None or self._meta[0] != version:
+        if not self.has_version(version):
+            if meta_frame is None:
+                raise ValueError(f"meta-parameters of version {version} were not sent")
             received = decode(meta_frame, self.tree_spec)
+            if received.version != version:
+                raise ValueError(f"frame carries version {received.version}, not {version}")
             self._meta = (received.version, received.tree)
         t1 = time.perf_counter()
         batch = self.job.batch(iteration, range(start, start + count))
@@ -71,6 +81,8 @@ class Worker:
         t4 = time.perf_counter()
         timings = {"decode_seconds": t1 - t0, "sample_seconds": t2 - t1,
                    "compute_seconds": t3 - t2, "encode_seconds": t4 - t3,
-                   "seconds": t4 - t0, "bytes_in": len(meta_frame), "bytes_out": len(frame),
+                   "seconds": t4 - t0, "started": started, "ended": started + (t4 - t0),
+                   "bytes_in": len(meta_frame) if meta_frame is not None else 0,
+                   "bytes_out": len(frame),
                    "host": platform.node(), "pid": os.getpid()}
         return timings, frame

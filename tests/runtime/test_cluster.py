@@ -136,7 +136,7 @@ def test_a_node_killed_mid_run_costs_nothing_but_time(cluster, reference, tmp_pa
 def _workers(**where):
     from ray.util.state import list_actors
 
-    filters = [("class_name", "=", "Worker")] + [(k, "=", v) for k, v in where.items()]
+    filters = [("class_name", "=", "RayWorker")] + [(k, "=", v) for k, v in where.items()]
     return list_actors(filters=filters, detail=True)
 
 
