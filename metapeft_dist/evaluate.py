@@ -21,11 +21,13 @@ Z95 = 1.959963984540054
 
 class Evaluator:
     """Adapts an init for ``steps`` steps on many tasks at once and records the query
-    metric after every step (0 .. steps)."""
+    metric after every step (0 .. steps); with ``with_loss`` also the query loss after
+    the last step (meta-validation reports both)."""
 
-    def __init__(self, job: Job, steps: int):
+    def __init__(self, job: Job, steps: int, with_loss: bool = False):
         self.job = job
         self.steps = steps
+        self.with_loss = with_loss
         algorithm, model, objective = job.algorithm, job.model, job.objective
         vmap = job.spec.run.batching == "vmap"
 
@@ -36,8 +38,10 @@ class Evaluator:
                 return objective.loss(model({**frozen, **p}, x), y)
 
             trajectory = algorithm.adapt(shared["meta"], loss_fn, sx, sy, steps)
-            return mx.stack([objective.metric(model({**frozen, **p}, qx), qy)
-                             for p in trajectory])
+            values = [objective.metric(model({**frozen, **p}, qx), qy) for p in trajectory]
+            if with_loss:
+                values.append(loss_fn(trajectory[-1], qx, qy))
+            return mx.stack(values)
 
         def curves(shared, sx, sy, qx, qy):
             return map_tasks(curve, shared, (sx, sy, qx, qy), vmap)
@@ -46,7 +50,8 @@ class Evaluator:
 
     def curves(self, init: Init, split: str, shots: int, tasks: int, stream: int,
                chunk: int, query: int | None = None) -> np.ndarray:
-        """Metric after 0..steps adaptation steps, shape (tasks, steps + 1)."""
+        """Metric after 0..steps adaptation steps, shape (tasks, steps + 1); with
+        ``with_loss`` one more column, the query loss after the last step."""
         shared = {"meta": init.meta, "frozen": init.frozen}
         out = []
         for start in range(0, tasks, chunk):
@@ -54,6 +59,32 @@ class Evaluator:
             batch = to_mx(self.job.episodes(split, stream, indices, shots, query))
             out.append(np.array(self._curves(shared, *batch)))
         return np.concatenate(out)
+
+
+def adaptation_step_seconds(job: Job, init: Init, split: str, shots: int, steps: int,
+                            tasks: int = 20, stream: int = 0) -> float:
+    """Measured seconds per adaptation step of ONE task (not a vmapped batch): what
+    adapting a single new task costs. The median over ``tasks`` tasks of (time to adapt
+    ``steps`` steps) / ``steps``, each after the compiled graph is warm."""
+    import time
+
+    algorithm, loss_fn = job.algorithm, job.loss_fn(init.frozen)
+    steps = max(1, steps)
+
+    def adapted(meta, sx, sy):
+        return algorithm.adapt(meta, loss_fn, sx, sy, steps)[-1]
+
+    fn = mx.compile(adapted) if job.spec.run.compile else adapted
+    sx, sy, _, _ = to_mx(job.episodes(split, stream, range(tasks), shots))
+    mx.eval(fn(init.meta, sx[0], sy[0]))  # warm-up: compile
+    times = []
+    for i in range(tasks):
+        task_x, task_y = sx[i], sy[i]
+        mx.eval(task_x, task_y)
+        t0 = time.perf_counter()
+        mx.eval(fn(init.meta, task_x, task_y))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / steps
 
 
 def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,11 @@ baselines on meta-test tasks, and write everything to the run directory:
   RUN_DIR/spec.yaml                 the validated spec, defaults filled in
   RUN_DIR/history.jsonl             training curve and meta-validation, as they happen
   RUN_DIR/checkpoints/ckpt-*.safetensors, best.safetensors
-  RUN_DIR/results.json              curves, timings, runtime counters, evaluation
+  RUN_DIR/results.json              curves, timings, runtime counters, evaluation, cost
+  RUN_DIR/outcome.json              status, end time, duration, totals (also on failure)
+
+While it runs, the job's metrics are served at ``metrics.address:metrics.port``
+(metrics.py); the cost figures come from cost.py.
 
 A killed run resumes from its newest good checkpoint (``find_resume_point``); in sync
 and local modes it then ends exactly as an uninterrupted run would.
@@ -23,8 +27,10 @@ from typing import Any, Callable, Protocol
 import yaml
 
 from metapeft_dist.config import JobSpec
+from metapeft_dist.cost import SpendMeter, cost_summary
 from metapeft_dist.evaluate import Evaluator, summarize
 from metapeft_dist.job import Init, Job, build_job
+from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics, push_outcome
 from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
 from metapeft_dist.trainer import MetaTrainer
 from metapeft_dist.tree import Meta, num_elements
@@ -80,19 +86,21 @@ class Executor(Protocol):
     def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
                    best: Meta | None = None) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+    def release(self) -> None: ...
     def close(self) -> None: ...
 
 
 def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
-                  log: Callable[[str], None]) -> Executor:
+                  log: Callable[[str], None], metrics: JobMetrics | None = None) -> Executor:
     if job.spec.runtime.mode == "local":
         if resume is None:
-            return MetaTrainer(job)
-        return MetaTrainer(job, resume.meta, resume.optimizer_state)
+            return MetaTrainer(job, metrics=metrics)
+        return MetaTrainer(job, resume.meta, resume.optimizer_state, metrics,
+                           resume.info.get("version", resume.iteration))
     from metapeft_dist.runtime.driver import RayExecutor
 
     return RayExecutor(job, address, resume.path if resume else None,
-                       resume.iteration if resume else 0, log)
+                       resume.iteration if resume else 0, log, metrics)
 
 
 def find_resume_point(run_dir: Path, log: Callable[[str], None]) -> tuple[JobSpec, Checkpoint]:
@@ -120,35 +128,117 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
                           "or choose another --run-dir")
     started = time.time()
     job = build_job(spec)
-    executor = make_executor(job, address, resume, log)  # nothing is written before this
+    spend = SpendMeter(spec.cost.node_table(), spec.cost.energy_usd_per_kwh)
+    if resume is not None:
+        spend.restore(resume.info.get("reserved_seconds", {}))
+    metrics_cls = JobMetrics if spec.metrics.enabled else NoMetrics
+    metrics = metrics_cls(spec.name, spec.algorithm.name, spend=spend)
+    server = None
+    if spec.metrics.enabled:
+        server = MetricsServer(metrics.registry, spec.metrics.address, spec.metrics.port, log)
+        log(f"metrics at {server.url}")
+    outcome: dict[str, Any] = {"status": "failed"}
+    totals: dict[str, Any] = {}
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-        else:
-            log(f"resuming {run_dir} from iteration {resume.iteration}")
-        on_progress("setup", 0, 1, {"run_dir": str(run_dir)})
-        training, selected = meta_train(job, executor, run_dir, on_progress, resume)
-        runtime = executor.stats()
+        executor = make_executor(job, address, resume, log, metrics)  # nothing written before
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if resume is None:
+                (run_dir / "spec.yaml").write_text(
+                    yaml.safe_dump(spec.to_dict(), sort_keys=False))
+            else:
+                log(f"resuming {run_dir} from iteration {resume.iteration}")
+            metrics.job_started(spec.family.name, spec.runtime.mode, spec.algorithm.iterations,
+                                len(getattr(executor, "workers", [None])),
+                                spec.runtime.staleness if spec.runtime.mode == "async" else None,
+                                spec.cost.budget_usd)
+            on_progress("setup", 0, 1, {"run_dir": str(run_dir)})
+            training, selected = meta_train(job, executor, run_dir, on_progress, resume,
+                                            metrics)
+            executor.release()
+            runtime = executor.stats()
+            totals = {"meta_iterations": spec.algorithm.iterations,
+                      "tasks_completed": runtime.get("tasks_completed"),
+                      "outer_updates": runtime.get("outer_updates"),
+                      "spend_usd": spend.spend_usd()}
+        finally:
+            executor.close()
+        evaluation = evaluate_job(job, selected, on_progress)
+        cost = job_cost(job, selected, evaluation, spend)
+        metrics.costs(cost)
+        outcome = job_outcome("succeeded", started, totals)
+        results = {
+            "job": spec.name,
+            "run_dir": str(run_dir),
+            "created": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "seconds": time.time() - started,
+            "resumed_from": resume.iteration if resume else None,
+            "spec": spec.to_dict(),
+            "meta_parameters": num_elements(job.initial_meta),
+            "platform": platform_info(),
+            "metrics_url": server.url if server else None,
+            "runtime": runtime,
+            "meta_training": training,
+            "evaluation": evaluation,
+            "cost": cost,
+            "outcome": outcome,
+        }
+        write_json_atomic(run_dir / "results.json", results)
+    except BaseException as err:
+        outcome = job_outcome("failed", started, totals, f"{type(err).__name__}: {err}")
+        raise
     finally:
-        executor.close()
-    evaluation = evaluate_job(job, selected, on_progress)
-    results = {
-        "job": spec.name,
-        "run_dir": str(run_dir),
-        "created": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "seconds": time.time() - started,
-        "resumed_from": resume.iteration if resume else None,
-        "spec": spec.to_dict(),
-        "meta_parameters": num_elements(job.initial_meta),
-        "platform": platform_info(),
-        "runtime": runtime,
-        "meta_training": training,
-        "evaluation": evaluation,
-    }
-    write_json_atomic(run_dir / "results.json", results)
+        metrics.job_ended(outcome["status"])
+        if run_dir.is_dir():
+            write_json_atomic(run_dir / "outcome.json", outcome)
+        if server is not None:
+            server.stop(spec.metrics.linger)
+        if spec.metrics.pushgateway:
+            try:
+                push_outcome(spec.metrics.pushgateway, spec.name, outcome)
+            except OSError as push_err:
+                log(f"could not push the outcome to {spec.metrics.pushgateway}: {push_err}")
     on_progress("done", 1, 1, {"results": str(run_dir / "results.json")})
     return results
+
+
+def job_outcome(status: str, started: float, totals: dict[str, Any],
+                error: str | None = None) -> dict[str, Any]:
+    """What stays readable after the job ends (outcome.json, results.json, and the
+    Pushgateway when one is set)."""
+    now = time.time()
+    out = {"status": status,
+           "finished": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+           "finished_timestamp": now, "duration_seconds": now - started, "totals": totals}
+    if error is not None:
+        out["error"] = error
+    return out
+
+
+def job_cost(job: Job, selected: Meta, evaluation: dict[str, Any],
+             spend: SpendMeter) -> dict[str, Any]:
+    """The cost figures of the finished job (cost.cost_summary) from measurements: the
+    meta-training spend, steps-to-target of the meta-learned and the standard (random)
+    init at the job's own shot count, and seconds per adaptation step of one task timed
+    here, at this node's rate."""
+    import platform
+
+    from metapeft_dist.evaluate import adaptation_step_seconds
+
+    spec = job.spec
+    shots = spec.family.shots if spec.family.shots in spec.eval.shots else min(spec.eval.shots)
+    summary = evaluation["shots"][str(shots)]
+    inits = summary["inits"]
+    step_seconds = adaptation_step_seconds(job, Init("meta", selected, job.frozen), "test",
+                                           shots, spec.eval.steps)
+    cost = cost_summary(spend.spend_usd(), step_seconds, spend.rate_usd_per_hour(platform.node()),
+                        inits["meta"].get("steps_to_target"),
+                        inits.get("random", {}).get("steps_to_target"), summary["target"], shots)
+    cost["standard_init"] = "random" if "random" in inits else None
+    details = spend.summary()
+    cost["nodes"] = details["nodes"]
+    cost["energy_usd_per_kwh"] = details["energy_usd_per_kwh"]
+    return cost
 
 
 class History:
@@ -182,7 +272,8 @@ class History:
 
 
 def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progress = _quiet,
-               resume: Checkpoint | None = None) -> tuple[dict[str, Any], Meta]:
+               resume: Checkpoint | None = None,
+               metrics: JobMetrics | None = None) -> tuple[dict[str, Any], Meta]:
     """Meta-train from the start or from ``resume``; returns (summary, the selected
     meta-parameters).
 
@@ -192,6 +283,7 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
     uninterrupted one would.
     """
     spec = job.spec
+    metrics = metrics if metrics is not None else NoMetrics()
     checkpoint_dir = run_dir / "checkpoints"
     iterations = spec.algorithm.iterations
     start = resume.iteration if resume else 0
@@ -204,7 +296,7 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
             best = (resume.info["best_iteration"], resume.info["best_metric"], resume.best)
     every_val, every_ckpt = spec.eval.every, spec.checkpoint.every
     log_every = max(1, iterations // 200)
-    validator = Evaluator(job, spec.inner.steps) if every_val else None
+    validator = Evaluator(job, spec.inner.steps, with_loss=True) if every_val else None
     run_dir.mkdir(parents=True, exist_ok=True)
     history = History(run_dir / "history.jsonl", start if resume else None)
     window_loss = window_norm = 0.0
@@ -212,7 +304,8 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
 
     def info() -> dict[str, Any]:
         out = {"job": spec.name, "algorithm": job.algorithm.name, "mode": spec.runtime.mode,
-               "train_seconds": seconds}
+               "train_seconds": seconds,
+               "reserved_seconds": metrics.spend.reserved_seconds()}
         if best is not None:
             out.update(best_iteration=best[0], best_metric=best[1])
         return out
@@ -220,6 +313,7 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
     def checkpoint(iteration: int) -> Path:
         path = checkpoint_path(checkpoint_dir, iteration)
         executor.checkpoint(str(path), iteration, info(), best[2] if best else None)
+        metrics.checkpointed()
         prune_checkpoints(checkpoint_dir, spec.checkpoint.keep, protect={iterations})
         return path
 
@@ -232,6 +326,7 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
             window_norm += norm
             window += 1
             done = it + 1
+            metrics.iteration_done(done, loss)
             progress: dict[str, Any] = {"loss": loss}
             if done % log_every == 0 or done == iterations:
                 history.add("curve", {"iteration": done, "loss": window_loss / window,
@@ -240,9 +335,12 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
                 window = 0
             if validator is not None and (done % every_val == 0 or done == iterations):
                 current = executor.snapshot()
-                metric = validate(job, validator, current)
-                history.add("validation", {"iteration": done,
-                                           job.objective.metric_name: metric})
+                metric, val_loss = validate(job, validator, current)
+                metrics.validated(val_loss, metric if spec.is_classification else None)
+                entry = {"iteration": done, job.objective.metric_name: metric}
+                if spec.is_classification:
+                    entry["loss"] = val_loss
+                history.add("validation", entry)
                 progress["val"] = metric
                 if spec.eval.select == "best" and (best is None or better(metric, best[1])):
                     best = (done, metric, current)
@@ -274,11 +372,15 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
     }, selected
 
 
-def validate(job: Job, validator: Evaluator, meta: Meta) -> float:
+def validate(job: Job, validator: Evaluator, meta: Meta) -> tuple[float, float]:
+    """(metric, query loss) after adaptation, meta-validation tasks' mean."""
     spec = job.spec
     curves = validator.curves(Init("meta", meta, job.frozen), "val", spec.family.shots,
                               spec.eval.val_tasks, VAL_STREAM, spec.eval.chunk)
-    return float(curves[:, -1].mean())
+    if validator.with_loss:
+        return float(curves[:, -2].mean()), float(curves[:, -1].mean())
+    value = float(curves[:, -1].mean())
+    return value, value
 
 
 def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, Any]:

@@ -9,6 +9,8 @@ meta-parameters and optimizer state are its captured state.
 
 from __future__ import annotations
 
+import platform
+import time
 from typing import Any, Callable, Hashable
 
 import mlx.core as mx
@@ -17,6 +19,7 @@ from mlx.utils import tree_map
 from metapeft_dist.algorithms import Task
 from metapeft_dist.algorithms.outer import make_optimizer, outer_step
 from metapeft_dist.job import Job
+from metapeft_dist.metrics import JobMetrics, NoMetrics, Throughput
 from metapeft_dist.runtime.checkpoint import save_checkpoint
 from metapeft_dist.tree import Meta
 
@@ -29,8 +32,18 @@ def total_updates(job: Job) -> int:
 
 class MetaTrainer:
     def __init__(self, job: Job, meta: Meta | None = None,
-                 optimizer_state: dict[str, Any] | None = None):
+                 optimizer_state: dict[str, Any] | None = None,
+                 metrics: JobMetrics | None = None, version: int = 0):
         self.job = job
+        # This process is the one node; it is held from now until meta-training ends.
+        self.metrics = metrics if metrics is not None else NoMetrics()
+        self.node = platform.node()
+        self.metrics.spend.add_node(self.node)
+        self.metrics.spend.reserve(self.node)
+        self.metrics.workers(1)
+        self.throughput = Throughput()
+        self.version = version
+        self.tasks_completed = 0
         self.optimizer = make_optimizer(job.spec.outer, total_updates(job))
         # New containers around the same arrays: mx.compile swaps the leaves of captured
         # state for tracers in place, which must not touch the caller's trees.
@@ -80,6 +93,7 @@ class MetaTrainer:
         iterations are stepped in order.
         """
         algorithm = self.job.algorithm
+        t0 = time.perf_counter()
         if batch is None:
             batch = self._next_batch(iteration)
         fn = self._step_fn(algorithm.phase(iteration))
@@ -97,6 +111,16 @@ class MetaTrainer:
                 norms.append(norm_i)
             loss, norm = mx.mean(mx.stack(losses)), mx.mean(mx.stack(norms))
         mx.eval(loss, norm, self.holder, self.optimizer.state)
+        seconds = time.perf_counter() - t0
+        tasks = batch[0].shape[0]
+        updates = 1 if algorithm.updates_per_batch else tasks
+        self.version += updates
+        self.tasks_completed += tasks
+        self.metrics.chunk_done(self.node, tasks, self.job.spec.inner.steps, seconds, seconds,
+                                None, 0, 0)
+        for _ in range(updates):
+            self.metrics.update_applied(self.version, None)
+        self.throughput.add(self.node, time.time(), tasks)
         return loss.item(), norm.item()
 
     def _next_batch(self, iteration: int) -> Task:
@@ -111,12 +135,19 @@ class MetaTrainer:
     def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
                    best: Meta | None = None) -> None:
         save_checkpoint(path, iteration, self.meta, self.optimizer.state, self.job.frozen,
-                        info, best)
+                        {**info, "version": self.version}, best)
 
     def stats(self) -> dict[str, Any]:
-        return {"mode": "local", "workers": 0}
+        return {"mode": "local", "workers": 0, "tasks_completed": self.tasks_completed,
+                "outer_updates": self.version,
+                "nodes": [self.node], "throughput": self.throughput.summary()}
+
+    def release(self) -> None:
+        """Meta-training is over: this node is no longer held (for the cost)."""
+        self.metrics.spend.release_all()
 
     def close(self) -> None:
+        self.release()
         if self._prefetch is not None:
             self._prefetch.close()
             self._prefetch = None

@@ -146,6 +146,9 @@ def test_reference_lists_every_field():
             assert f"`{name}`" in ref, name
             assert f.metadata.get("help"), f"{name} has no help text"
             tp = hints[f.name]
+            if typing.get_origin(tp) is dict:  # named sections: cost.nodes.NAME.*
+                walk(typing.get_args(tp)[1], f"{name}.NAME")
+                continue
             for sub in typing.get_args(tp) or (tp,):
                 if dataclasses.is_dataclass(sub):
                     walk(sub, name)

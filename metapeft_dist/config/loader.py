@@ -173,6 +173,17 @@ def _convert(tp: Any, value: Any, path: str, errors: list[tuple[str, str]]) -> A
             return None
         items = [_convert(args[0], v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
         return tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append((path, f"must be a mapping, got {_type_name(value)}"))
+            return None
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                errors.append((path, f"keys must be names, got {key!r}"))
+                continue
+            out[key] = _convert(args[1], item, join_path(path, key), errors)
+        return out
     if dataclasses.is_dataclass(tp):
         if value is None:
             errors.append((path, "must be a mapping, got nothing"))

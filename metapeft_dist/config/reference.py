@@ -26,7 +26,11 @@ def reference() -> str:
         nested = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
-            sub = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+            named = typing.get_origin(tp) is dict  # a named set of sections: NAME in the path
+            sub = [] if named else [a for a in (typing.get_args(tp) or (tp,))
+                                    if dataclasses.is_dataclass(a)]
+            if named:
+                nested.append((typing.get_args(tp)[1], join_path(prefix, f"{f.name}.NAME")))
             if f.default is not dataclasses.MISSING:
                 default = "unset" if f.default is None else f"`{to_plain(f.default)}`"
             elif f.default_factory is not dataclasses.MISSING:
@@ -55,6 +59,8 @@ def _type_label(tp: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is tuple:
         return f"list of {_type_label(args[0])}"
+    if origin is dict:
+        return f"mapping of name to {_type_label(args[1])}"
     if dataclasses.is_dataclass(tp):
         return "section"
     return {int: "integer", float: "number", bool: "boolean", str: "string"}.get(tp, str(tp))

@@ -420,6 +420,89 @@ class RuntimeSpec:
 
 
 @dataclass(frozen=True)
+class NodeCostSpec:
+    """One machine's cost figures: its rate is price / (service life x 8760 h) plus
+    watts / 1000 x the energy price per kWh."""
+
+    price_usd: float = documented("purchase price, usd", default=1399.0)
+    service_life_years: float = documented(
+        "years over which the price is amortized (8760 hours each)", default=4.0
+    )
+    watts: float = documented(
+        "average power under meta-training load; used where the platform does not report "
+        "measured power (Linux RAPL counters)",
+        default=40.0,
+    )
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.price_usd >= 0, "price_usd", f"must be >= 0, got {self.price_usd}")
+            check(self.service_life_years > 0, "service_life_years",
+                  f"must be > 0, got {self.service_life_years}")
+            check(self.watts >= 0, "watts", f"must be >= 0, got {self.watts}")
+
+
+@dataclass(frozen=True)
+class CostSpec:
+    """The cluster's node costs for the amortized-cost model (metapeft_dist/cost.py)."""
+
+    energy_usd_per_kwh: float = documented("energy price, usd per kWh", default=0.30)
+    nodes: dict[str, NodeCostSpec] = documented(
+        "cost figures per node, by host name or IP address; the entry `default` covers "
+        "nodes not named (unset: the NodeCostSpec defaults, a Mac mini class machine)",
+        default_factory=dict,
+    )
+    budget_usd: float | None = documented(
+        "meta-training spend above which the cost-budget alert fires; unset: none",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.energy_usd_per_kwh >= 0, "energy_usd_per_kwh",
+                  f"must be >= 0, got {self.energy_usd_per_kwh}")
+            check(self.budget_usd is None or self.budget_usd > 0, "budget_usd",
+                  f"must be > 0, got {self.budget_usd}")
+
+    def node_table(self) -> dict[str, dict[str, float]]:
+        """name -> plain cost figures, with a `default` entry always present."""
+        table = {name: dataclasses.asdict(node) for name, node in self.nodes.items()}
+        table.setdefault("default", dataclasses.asdict(NodeCostSpec()))
+        return table
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    """The driver's Prometheus endpoint (metapeft_dist/metrics.py)."""
+
+    enabled: bool = documented("record metrics and serve /metrics", default=True)
+    address: str = documented(
+        "address /metrics listens on; keep 127.0.0.1 unless a Prometheus on another "
+        "machine scrapes it",
+        default="127.0.0.1",
+    )
+    port: int = documented(
+        "port of /metrics; 0: any free port. A busy port falls back to a free one (logged)",
+        default=9450,
+    )
+    linger: float = documented(
+        "seconds /metrics stays up after the job ends, so a scrape sees the final values",
+        default=0.0,
+    )
+    pushgateway: str | None = documented(
+        "push the job's final outcome to this Prometheus Pushgateway (host:port); unset: "
+        "no push",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
+            check(self.linger >= 0, "linger", f"must be >= 0, got {self.linger}")
+            check(bool(self.address.strip()), "address", "must not be empty")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A meta-training job: what to learn, how, and how to evaluate it."""
 
@@ -434,6 +517,8 @@ class JobSpec:
     checkpoint: CheckpointSpec = documented("checkpoints", default_factory=CheckpointSpec)
     run: RunSpec = documented("execution in one process", default_factory=RunSpec)
     runtime: RuntimeSpec = documented("distributed runtime", default_factory=RuntimeSpec)
+    metrics: MetricsSpec = documented("Prometheus metrics", default_factory=MetricsSpec)
+    cost: CostSpec = documented("node costs", default_factory=CostSpec)
 
     def __post_init__(self) -> None:
         with Checks() as check:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from ray.exceptions import (
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from metapeft_dist.job import Job
+from metapeft_dist.metrics import JobMetrics, NoMetrics, Throughput
 from metapeft_dist.runtime.param_server import ParameterServer
 from metapeft_dist.runtime.worker import Worker
 from metapeft_dist.tree import Meta
@@ -109,6 +111,10 @@ class RayWorker(Worker):
     list, which Ray leaves unresolved: it is fetched only when its version is new here,
     not for every chunk of an iteration."""
 
+    def node_identity(self) -> dict[str, str]:
+        return {"id": ray.get_runtime_context().get_node_id(), "host": platform.node(),
+                "ip": ray.util.get_node_ip_address()}
+
     def run_ref(self, version: int, meta_box: list, iteration: int, start: int,
                 count: int) -> tuple[dict[str, Any], bytes]:
         frame = None if self.has_version(version) else ray.get(meta_box[0])
@@ -117,8 +123,10 @@ class RayWorker(Worker):
 
 class RayExecutor:
     def __init__(self, job: Job, address: str | None = None, resume_path: str | None = None,
-                 start_iteration: int = 0, log: Callable[[str], None] = lambda m: None):
+                 start_iteration: int = 0, log: Callable[[str], None] = lambda m: None,
+                 metrics: JobMetrics | None = None):
         self.job = job
+        self.metrics = metrics if metrics is not None else NoMetrics()
         self.spec = job.spec
         self.runtime = job.spec.runtime
         self.log = log
@@ -141,13 +149,21 @@ class RayExecutor:
         self.slots: deque = deque()  # a handle per chunk it can take now
         self.pings: dict[Any, Any] = {}  # ping ref -> worker handle (starting or recovering)
         self.retry_at: dict[Any, float] = {}  # recovering handle -> when to ping again
+        # Nodes: Ray node id -> label (its host name, numbered when several nodes share
+        # one, as on a test cluster), and the workers answering on each.
+        self.node_labels: dict[str, str] = {}
+        self.node_of: dict[Any, str] = {}  # worker handle -> node label, once it answered
+        self.live_on: dict[str, set] = {}
+        self.created_at: dict[Any, float] = {}  # worker handle -> when it was started
         wanted = self.runtime.workers or self._mlx_capacity()
         if wanted < 1:
             raise ClusterError("the Ray cluster declares no `mlx` resource: start each node "
                                "with ray start --resources='{\"mlx\": 1}'")
         for _ in range(wanted):
             self._add_worker()
-        self.counters = {"dispatched": 0, "completed": 0, "lost": 0, "duplicates": 0}
+        self.counters = {"dispatched": 0, "completed": 0, "lost": 0, "duplicates": 0,
+                         "tasks_completed": 0, "tasks_lost": 0}
+        self.throughput = Throughput()
         self.task_seconds: list[float] = []
         self.per_host: dict[str, dict[str, float]] = {}
         self.bytes_out: list[int] = []
@@ -158,7 +174,8 @@ class RayExecutor:
                                          for s, n in self.chunks)
         self._async_left = {it: len(self.chunks) for it in range(start_iteration, a.iterations)}
         self._async_losses: dict[int, list[tuple[float, float]]] = {}
-        self._inflight: dict[Any, tuple[Any, tuple[int, int, int], Any]] = {}
+        # timings ref -> (worker, chunk key, result frame ref, when dispatched)
+        self._inflight: dict[Any, tuple[Any, tuple[int, int, int], Any, float]] = {}
         self._meta_ref: tuple[int, Any] | None = None
         self._next_scale_check = time.monotonic() + SCALE_CHECK_SECONDS
 
@@ -170,6 +187,7 @@ class RayExecutor:
     def _add_worker(self) -> None:
         handle = self._worker_class.remote(self.spec.to_dict())
         self.workers.append(handle)
+        self.created_at[handle] = time.time()
         self.pings[handle.ping.remote()] = handle
 
     def _scale_out(self) -> None:
@@ -184,12 +202,47 @@ class RayExecutor:
                 self.log("a new `mlx` resource joined the cluster: starting a worker")
                 self._add_worker()
 
-    def _lost(self, handle: Any | None, err: BaseException) -> None:
+    def _node_label(self, identity: dict[str, Any]) -> str:
+        node_id = identity["id"]
+        if node_id not in self.node_labels:
+            taken = set(self.node_labels.values())
+            label, n = identity["host"], 1
+            while label in taken:
+                n += 1
+                label = f"{identity['host']}-{n}"
+            self.node_labels[node_id] = label
+            self.metrics.spend.add_node(label, [identity.get("ip", "")])
+        return self.node_labels[node_id]
+
+    def _worker_up(self, handle: Any, identity: dict[str, Any]) -> None:
+        """A worker answered: its node is held by the job (reserved) from when the
+        worker was started (its setup is part of the cost) or, after a loss, from now."""
+        node = self._node_label(identity)
+        self.node_of[handle] = node
+        if not self.live_on.get(node):
+            self.metrics.spend.reserve(node, self.created_at.pop(handle, None))
+        self.live_on.setdefault(node, set()).add(handle)
+        self.metrics.spend.power_reading(node, identity.get("energy_joules"),
+                                         identity.get("time", time.time()))
+
+    def _worker_down(self, handle: Any) -> None:
+        """A worker stopped answering: its node is released when it was the last one."""
+        node = self.node_of.get(handle)
+        if node is None or handle not in self.live_on.get(node, ()):
+            return
+        self.live_on[node].discard(handle)
+        if not self.live_on[node]:
+            self.metrics.spend.release(node)
+
+    def _lost(self, handle: Any | None, err: BaseException, key: tuple[int, int, int]) -> None:
         """A chunk was lost with its worker (``handle``, to be pinged until it answers
         again) or, with ``handle`` None, its result object was."""
         self.counters["lost"] += 1
+        self.counters["tasks_lost"] += key[2]
+        self.metrics.chunk_lost(self.node_of.get(handle), key[2])
         self.log(f"a chunk was lost ({type(err).__name__}); it goes to another worker")
         if handle is not None:
+            self._worker_down(handle)
             self.retry_at[handle] = time.monotonic()
 
     def _ping_recovering(self) -> None:
@@ -211,7 +264,7 @@ class RayExecutor:
         iteration, start, count = key
         timings_ref, frame_ref = handle.run_ref.options(num_returns=2).remote(
             self.version, [self._meta()], iteration, start, count)
-        self._inflight[timings_ref] = (handle, key, frame_ref)
+        self._inflight[timings_ref] = (handle, key, frame_ref, time.monotonic())
         self.counters["dispatched"] += 1
 
     def _wait(self) -> tuple[list[tuple[Any, tuple[int, int, int], Any, dict]], list]:
@@ -230,24 +283,35 @@ class RayExecutor:
             if ref in self.pings:
                 handle = self.pings.pop(ref)
                 try:
-                    ray.get(ref)
+                    self._worker_up(handle, ray.get(ref))
                     self.slots.extend([handle] * SLOTS_PER_WORKER)
                 except LOST:
                     self.retry_at[handle] = time.monotonic() + PING_RETRY_SECONDS
                 continue
-            handle, key, frame_ref = self._inflight.pop(ref)
+            handle, key, frame_ref, dispatched = self._inflight.pop(ref)
             try:
                 timings = ray.get(ref)
             except LOST as err:
-                self._lost(handle, err)
+                self._lost(handle, err, key)
                 lost.append(key)
                 continue
             self.slots.append(handle)
-            self._record(timings)
+            self._record(handle, key, timings, time.monotonic() - dispatched)
             done.append((handle, key, frame_ref, timings))
+        self.metrics.workers(len(self.workers) - len(self.retry_at) - len(self.pings))
         return done, lost
 
-    def _record(self, timings: dict[str, Any]) -> None:
+    def _record(self, handle: Any, key: tuple[int, int, int], timings: dict[str, Any],
+                round_trip: float) -> None:
+        node = self.node_of.get(handle) or self._node_label(
+            {"id": timings["node_id"], "host": timings["host"]})
+        tasks = key[2]
+        self.metrics.chunk_done(node, tasks, self.spec.inner.steps, timings["compute_seconds"],
+                                timings["seconds"], round_trip, timings["bytes_in"],
+                                timings["bytes_out"], timings.get("tokens", 0))
+        self.metrics.spend.power_reading(node, timings.get("energy_joules"), timings["ended"])
+        self.throughput.add(node, timings["ended"], tasks)
+        self.counters["tasks_completed"] += tasks
         self.counters["completed"] += 1
         self.task_seconds.append(timings["seconds"])
         self.bytes_out.append(timings["bytes_out"])
@@ -269,7 +333,7 @@ class RayExecutor:
                 try:
                     on_result(*item)
                 except LOST as err:  # the result object went with its node
-                    self._lost(None, err)
+                    self._lost(None, err, item[1])
                     todo.append(item[1])
             if results:
                 last_progress = time.monotonic()
@@ -312,7 +376,7 @@ class RayExecutor:
                 try:
                     status = ray.get(ref)
                 except LOST as err:  # the result object went with its node
-                    self._lost(None, err)
+                    self._lost(None, err, key)
                     todo.append(key)
                     continue
                 if status == "accepted":
@@ -327,6 +391,7 @@ class RayExecutor:
         out = ray.get(applied)
         self.version = out["version"]
         self._meta_ref = (self.version, frame_ref)
+        self.metrics.update_applied(self.version, out["update_seconds"])
         return out["loss"], out["grad_norm"]
 
     def _step_async(self, iteration: int) -> tuple[float, float]:
@@ -342,6 +407,10 @@ class RayExecutor:
             self._async_left[it] -= 1
             if out["status"] == "applied":
                 self._async_losses.setdefault(it, []).append((out["loss"], out["grad_norm"]))
+                self.metrics.update_applied(self.version, out["update_seconds"],
+                                            out["staleness"])
+            else:
+                self.metrics.update_dropped(out["staleness"])
 
         self._loop(self._async_queue,
                    lambda: all(n == 0 for i, n in self._async_left.items() if i <= iteration),
@@ -370,6 +439,7 @@ class RayExecutor:
         return {
             "mode": self.runtime.mode,
             "workers": len(self.workers),
+            "outer_updates": ps["version"],
             "chunk": per_task,
             **self.counters,
             "parameter_server": ps,
@@ -380,11 +450,19 @@ class RayExecutor:
             "bytes_in_per_chunk": sum(self.bytes_in) / n,
             "max_applied_staleness": max(staleness) if staleness else None,
             "per_worker": self.per_host,
+            "nodes": sorted(self.live_on),
+            "throughput": self.throughput.summary(),
         }
 
+    def release(self) -> None:
+        """Meta-training is over: the job holds no node any longer (for the cost)."""
+        self.metrics.spend.release_all()
+
     def close(self) -> None:
+        self.release()
         for handle in self.workers:
             ray.kill(handle, no_restart=True)
         ray.kill(self.ps, no_restart=True)
         if self.embedded:
             ray.shutdown()
+

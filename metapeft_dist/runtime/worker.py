@@ -17,6 +17,7 @@ import mlx.core as mx
 
 import metapeft_dist  # noqa: F401  (OpenBLAS before mlx)
 from metapeft_dist.config import from_dict
+from metapeft_dist.cost import read_energy_joules
 from metapeft_dist.job import build_job
 from metapeft_dist.wire import TreeSpec, decode, encode
 
@@ -32,9 +33,16 @@ class Worker:
         self._steps: dict[Hashable, Callable] = {}
         self.setup_seconds = time.perf_counter() - t0
 
+    def node_identity(self) -> dict[str, str]:
+        """Which machine this worker runs on: ``id`` tells nodes apart (the Ray worker
+        uses Ray's node id), ``host`` and ``ip`` name it."""
+        host = platform.node()
+        return {"id": host, "host": host, "ip": ""}
+
     def ping(self) -> dict[str, Any]:
-        return {"host": platform.node(), "pid": os.getpid(),
-                "setup_seconds": self.setup_seconds}
+        return {**self.node_identity(), "pid": os.getpid(),
+                "setup_seconds": self.setup_seconds, "energy_joules": read_energy_joules(),
+                "time": time.time()}
 
     def _grad_fn(self, phase: Hashable) -> Callable:
         if phase not in self._steps:
@@ -84,5 +92,7 @@ class Worker:
                    "seconds": t4 - t0, "started": started, "ended": started + (t4 - t0),
                    "bytes_in": len(meta_frame) if meta_frame is not None else 0,
                    "bytes_out": len(frame),
-                   "host": platform.node(), "pid": os.getpid()}
+                   "host": platform.node(), "pid": os.getpid(),
+                   "node_id": self.node_identity()["id"],
+                   "energy_joules": read_energy_joules()}
         return timings, frame
