@@ -134,14 +134,15 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
     metrics_cls = JobMetrics if spec.metrics.enabled else NoMetrics
     metrics = metrics_cls(spec.name, spec.algorithm.name, spend=spend)
     server = None
-    if spec.metrics.enabled:
-        server = MetricsServer(metrics.registry, spec.metrics.address, spec.metrics.port, log)
-        log(f"metrics at {server.url}")
     outcome: dict[str, Any] = {"status": "failed"}
     totals: dict[str, Any] = {}
     try:
         executor = make_executor(job, address, resume, log, metrics)  # nothing written before
         try:
+            if spec.metrics.enabled:
+                server = MetricsServer(metrics.registry, spec.metrics.address,
+                                       spec.metrics.port, log)
+                log(f"metrics at {server.url}")
             run_dir.mkdir(parents=True, exist_ok=True)
             if resume is None:
                 (run_dir / "spec.yaml").write_text(
