@@ -11,6 +11,7 @@ VENV=${VENV:-.venv}
 # and the package that provides it.
 APT_NEEDS=(
   "/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0 libopenblas0-pthread"
+  "/usr/bin/promtool prometheus"  # tests/monitoring checks monitoring/ with promtool
 )
 
 install_apt() {
