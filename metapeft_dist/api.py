@@ -58,6 +58,19 @@ def resume(run_dir: str | Path, address: str | None = None, on_progress=None,
     return run_job(spec, directory, address=address, resume=checkpoint, **callbacks)
 
 
+def report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write PNG plots of a finished run (training, shots, cost, throughput) into
+    ``out_dir`` (default ``run_dir/report``); returns ``{"written": [paths], "skipped":
+    {file name: reason}}``. A plot whose data the run lacks is skipped, not an error.
+
+    Raises :class:`metapeft_dist.report.ReportError` when ``run_dir`` is missing or holds
+    no readable results.json.
+    """
+    from metapeft_dist.report import write_report
+
+    return write_report(run_dir, out_dir)
+
+
 def _callbacks(on_progress, log) -> dict[str, Any]:
     out = {}
     if on_progress is not None:

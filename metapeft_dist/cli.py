@@ -135,5 +135,33 @@ def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
     sys.exit(2 if errors else 0)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write the plots here (default: RUN_DIR/report).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {written, skipped} as JSON instead of one path per line.")
+def report(run_dir: str, out_dir: str | None, as_json: bool) -> None:
+    """Plot the finished run in RUN_DIR as PNGs: training, shots, cost, throughput.
+
+    A plot whose data results.json lacks (a run recorded before cost or throughput
+    tracking) is skipped with its reason on stderr.
+    """
+    from metapeft_dist import api
+    from metapeft_dist.report import ReportError
+
+    try:
+        outcome = api.report(run_dir, out_dir)
+    except ReportError as err:
+        _fail_usage(str(err))
+    if as_json:
+        click.echo(json.dumps(outcome))
+        return
+    for path in outcome["written"]:
+        click.echo(path)
+    for name, reason in outcome["skipped"].items():
+        click.echo(f"skipped {name}: {reason}", err=True)
+
+
 if __name__ == "__main__":
     main()
