@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what metapeft needs: system packages (Debian/Ubuntu: OpenBLAS; macOS: none),
+# Installs what metapeft needs: system packages (Debian/Ubuntu: OpenBLAS, and Prometheus
+# for the monitoring tests; macOS: none),
 # then a virtual environment in .venv with the project and its test tools.
 # Idempotent; `make run`, `make test` and `make bench` call it.
 set -euo pipefail
@@ -12,6 +13,7 @@ VENV=${VENV:-.venv}
 APT_NEEDS=(
   "/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0 libopenblas0-pthread"
   "/usr/bin/promtool prometheus"  # tests/monitoring checks monitoring/ with promtool
+  "/usr/bin/prometheus-pushgateway prometheus-pushgateway"  # the outcome-push test
 )
 
 install_apt() {
