@@ -47,4 +47,29 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"meta-training: {mt['iterations']} iterations in {mt['seconds']:.1f} s "
                      f"({mt['iterations_per_second']:.1f} it/s); results in "
                      f"{results['run_dir']}")
+    cost = results.get("cost")
+    if cost:
+        lines.append(cost_line(cost))
     return "\n".join(lines)
+
+
+def cost_line(cost: dict[str, Any]) -> str:
+    """Meta-training spend, per-task costs, break-even and the RQ3 ratio, in one line."""
+    meta, standard = cost["per_task"]["meta"], cost["per_task"]["standard"]
+
+    def task(entry: dict[str, Any]) -> str:
+        if entry["usd"] is None:
+            return "never reaches the target"
+        return f"{entry['usd']:.3g} USD ({entry['steps_to_target']} steps)"
+
+    even = cost["break_even_tasks"]
+    rq3 = cost["rq3"]
+    r = rq3["ratio"]
+    ratio = ("not computable" if r is None or r <= 0 else
+             f"{r:.3g}x cheaper" if r >= 1 else f"{1 / r:.3g}x dearer")
+    return (f"cost: meta-training {cost['spend_usd']:.3g} USD; a {cost['shots']}-shot task "
+            f"{task(meta)} from the meta-learned init vs {task(standard)} from a standard "
+            f"init; break-even after "
+            f"{f'{even:,.0f} tasks' if even is not None else 'never'}; at "
+            f"{rq3['tasks']} tasks {ratio} per task than a standard init (RQ3 goal "
+            f"{rq3['goal_ratio']:g}x: {'met' if rq3['met'] else 'not met'})")

@@ -46,6 +46,13 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
     assert {"setup", "meta-train", "evaluate", "done"} <= set(seen)
     table = format_table(results)
     assert "meta" in table and "random" in table and "steps to target" in table
+    assert "break-even after" in table and "RQ3 goal 5x" in table
+    outcome = json.loads((run / "outcome.json").read_text())
+    assert outcome == results["outcome"] and outcome["status"] == "succeeded"
+    assert outcome["totals"]["tasks_completed"] == 30 * spec.algorithm.meta_batch
+    assert outcome["totals"]["outer_updates"] == 30
+    cost = results["cost"]
+    assert cost["spend_usd"] == sum(n["spend_usd"] for n in cost["nodes"].values()) > 0
 
 
 def test_the_selected_init_is_the_best_validated_one(tmp_path, tiny_spec_text):
