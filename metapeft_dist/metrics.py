@@ -320,8 +320,10 @@ class Throughput:
         self.bin_seconds = bin_seconds
         self.start = time.time() if start is None else start
         self.nodes: dict[str, list[int]] = {}
+        self.end = self.start  # the latest completion: where the last bin really ends
 
     def add(self, node: str, at: float, tasks: int) -> None:
+        self.end = max(self.end, at)
         index = max(0, int((at - self.start) // self.bin_seconds))
         while index >= self.MAX_BINS:
             self._coarsen()
@@ -336,7 +338,7 @@ class Throughput:
             self.nodes[node] = [sum(bins[i:i + 2]) for i in range(0, len(bins), 2)]
 
     def summary(self) -> dict[str, Any]:
-        return {"bin_seconds": self.bin_seconds, "start": self.start,
+        return {"bin_seconds": self.bin_seconds, "start": self.start, "end": self.end,
                 "nodes": {node: list(bins) for node, bins in self.nodes.items()}}
 
 

@@ -91,12 +91,20 @@ def break_even_point(cost: dict[str, Any]) -> tuple[float, float] | None:
 
 
 def node_rates(throughput: dict[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
-    """Per node, (bin edges in seconds since the start, tasks per second in each bin)."""
+    """Per node, (bin edges in seconds since the start, tasks per second in each bin).
+    With the record's ``end`` (the latest completion), the run's last bin is cut there,
+    so its rate is not diluted by the part of the bin after the run."""
     width = float(throughput["bin_seconds"])
+    last = max((len(c) for c in throughput["nodes"].values()), default=0) - 1
+    end = throughput.get("end")
     out = {}
     for node, counts in throughput["nodes"].items():
         edges = [i * width for i in range(len(counts) + 1)]
-        out[node] = (edges, [c / width for c in counts])
+        if end is not None and len(counts) - 1 == last >= 0:
+            edges[-1] = min(edges[-1], max(edges[-2] + 1e-3 * width,
+                                           float(end) - float(throughput["start"])))
+        out[node] = (edges, [c / (b - a) for c, a, b in zip(counts, edges, edges[1:],
+                                                            strict=False)])
     return out
 
 
@@ -310,12 +318,13 @@ def plot_throughput(results: dict[str, Any], path: Path) -> None:
     for node, (edges, values) in rates.items():
         ax.stairs(values, [e / scale for e in edges], lw=1.4, label=node, baseline=None)
     if len(rates) > 1:
-        width = float(throughput["bin_seconds"])
         bins = max(len(v) for _, v in rates.values())
         total = [sum(v[i] for _, v in rates.values() if i < len(v)) for i in range(bins)]
-        ax.stairs(total, [i * width / scale for i in range(bins + 1)], color="black",
+        longest = max((edges for edges, _ in rates.values()), key=len)  # cut like the rates
+        ax.stairs(total, [e / scale for e in longest], color="black",
                   ls="--", lw=1.2, label="all nodes", baseline=None)
-    ax.set_xlabel(f"time since meta-training started ({unit}); the last bin may be partial")
+    ax.set_xlabel(f"time since meta-training started ({unit})" + (
+        "" if "end" in throughput else "; the last bin may be partial"))
     ax.set_ylabel("tasks completed per second")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

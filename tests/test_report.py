@@ -185,6 +185,10 @@ def test_shot_series_picks_the_step_and_orders_shots_numerically():
 def test_node_rates_are_tasks_per_second_on_bin_edges():
     rates = node_rates({"bin_seconds": 2.0, "start": 0.0, "nodes": {"a": [4, 6], "b": [1]}})
     assert rates == {"a": ([0.0, 2.0, 4.0], [2.0, 3.0]), "b": ([0.0, 2.0], [0.5])}
+    # the record's end cuts the run's last bin: 6 tasks in its first 0.5 s = 12 tasks/s
+    cut = node_rates({"bin_seconds": 2.0, "start": 10.0, "end": 12.5,
+                      "nodes": {"a": [4, 6], "b": [1]}})
+    assert cut == {"a": ([0.0, 2.0, 2.5], [2.0, 12.0]), "b": ([0.0, 2.0], [0.5])}
 
 
 def test_accuracy_is_shown_in_percent():
