@@ -24,6 +24,7 @@ measurements, never assumes it.
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
@@ -47,22 +48,30 @@ def hourly_rate(price_usd: float, service_life_years: float, watts: float,
 RAPL_ROOT = "/sys/class/powercap"
 
 
+@functools.lru_cache(maxsize=8)
+def _rapl_packages(root: str) -> tuple[str, ...]:
+    """The package domains' energy files (looked up once: workers read them per chunk)."""
+    return tuple(os.path.join(path, "energy_uj")
+                 for path in sorted(glob.glob(os.path.join(root, "intel-rapl:*")))
+                 # sub-domains (core, dram) are inside their package's figure
+                 if os.path.basename(path).count(":") == 1)
+
+
 def read_energy_joules(root: str = RAPL_ROOT) -> float | None:
     """Cumulative CPU-package energy from Linux RAPL (the sum over packages), or None
     where the platform does not report it to this process (macOS without root, VMs,
     most containers)."""
+    files = _rapl_packages(root)
+    if not files:
+        return None
     total = 0.0
-    found = False
-    for path in sorted(glob.glob(os.path.join(root, "intel-rapl:*"))):
-        if os.path.basename(path).count(":") != 1:  # sub-domains (core, dram) are inside
-            continue
+    for path in files:
         try:
-            with open(os.path.join(path, "energy_uj")) as f:
+            with open(path) as f:
                 total += int(f.read()) / 1e6
-            found = True
         except (OSError, ValueError):
             return None
-    return total if found else None
+    return total
 
 
 class PowerTracker:

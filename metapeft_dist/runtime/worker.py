@@ -31,6 +31,7 @@ class Worker:
         self.loss_fn = self.job.loss_fn()
         self._meta: tuple[int, Any] | None = None
         self._steps: dict[Hashable, Callable] = {}
+        self.node_id = self.node_identity()["id"]  # fixed for the life of the process
         self.setup_seconds = time.perf_counter() - t0
 
     def node_identity(self) -> dict[str, str]:
@@ -93,6 +94,6 @@ class Worker:
                    "bytes_in": len(meta_frame) if meta_frame is not None else 0,
                    "bytes_out": len(frame),
                    "host": platform.node(), "pid": os.getpid(),
-                   "node_id": self.node_identity()["id"],
+                   "node_id": self.node_id,
                    "energy_joules": read_energy_joules()}
         return timings, frame
