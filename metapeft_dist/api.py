@@ -3,10 +3,15 @@ a Python user can do here."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from metapeft_dist.config import ConfigError, JobSpec, load_spec
+
+if TYPE_CHECKING:
+    from metapeft_dist.runtime.jobs import ClusterJobs
+    from metapeft_dist.runtime.launcher import ClusterConfig
 
 
 def load(spec: str | Path | JobSpec, overrides: Sequence[str] = ()) -> JobSpec:
@@ -69,6 +74,86 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, 
     from metapeft_dist.report import write_report
 
     return write_report(run_dir, out_dir)
+
+
+# --- a cluster's jobs (Ray's job server) ----------------------------------------------
+
+def jobs(address: str | None = None, token_file: str | None = None,
+         insecure: bool = False) -> ClusterJobs:
+    """The jobs of the cluster whose job server is at ``address`` (default
+    ``$METAPEFT_ADDRESS``, else ``http://127.0.0.1:8265``): ``submit``, ``info``,
+    ``list``, ``logs``, ``follow``, ``wait``, ``stop``, ``nodes``.
+
+    The cluster token comes from ``token_file``, ``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``. Plain http to another machine
+    without a token is refused unless ``insecure``. Raises
+    :class:`metapeft_dist.remote.RemoteError` for a bad address or token and
+    :class:`metapeft_dist.runtime.jobs.JobsError` when the server cannot be used.
+    """
+    from metapeft_dist.remote import job_server
+    from metapeft_dist.runtime.jobs import ClusterJobs
+
+    return ClusterJobs(job_server(address, token_file, insecure))
+
+
+def submit(spec: str | Path | JobSpec, address: str | None = None,
+           overrides: Sequence[str] = (), cluster: str | Path | None = None,
+           token_file: str | None = None, insecure: bool = False, job_id: str | None = None,
+           run_dir: str | None = None) -> dict[str, Any]:
+    """Validate ``spec`` here, then start it on the cluster (entrypoint ``metapeft run``
+    on the head node, run directory ``run_dir`` there, default
+    ``~/metapeft/runs/JOB_ID``). With ``cluster`` (a cluster description), the job's
+    node cost figures are the cluster's. Returns the job's info."""
+    job_spec = load(spec, overrides)
+    if cluster is not None:
+        job_spec = with_cluster_cost(job_spec, load_cluster(cluster))
+    return jobs(address, token_file, insecure).submit(job_spec, job_id, run_dir)
+
+
+def with_cluster_cost(spec: JobSpec, cluster: ClusterConfig) -> JobSpec:
+    """``spec`` with the cluster's node cost figures and energy price; the budget stays
+    the job's own."""
+    if cluster.cost is None:
+        return spec
+    cost = dataclasses.replace(cluster.cost, budget_usd=spec.cost.budget_usd)
+    return dataclasses.replace(spec, cost=cost)
+
+
+# --- the cluster itself (Ray's cluster launcher) ----------------------------------------
+
+def load_cluster(path: str | Path) -> ClusterConfig:
+    """The cluster description, checked with Ray's own validation. Raises
+    :class:`metapeft_dist.runtime.launcher.ClusterConfigError`."""
+    from metapeft_dist.runtime.launcher import load_cluster as load
+
+    return load(path)
+
+
+def cluster_launch(path: str | Path, action: str) -> int:
+    """``ray up`` (action "up") or ``ray down`` ("down") on the described cluster, after
+    validating the description; returns ray's exit status."""
+    from metapeft_dist.runtime.launcher import launch
+
+    return launch(load_cluster(path), action)
+
+
+def cluster_status(cluster: str | Path | None = None, address: str | None = None,
+                   token_file: str | None = None, insecure: bool = False) -> dict[str, Any]:
+    """The cluster's nodes as its job server reports them (IP, head, state, `mlx`
+    resource, CPUs, memory) with each node's cost rate from the cluster description, and
+    the described machines that have not joined (state MISSING)."""
+    from metapeft_dist.runtime.launcher import node_table
+
+    config = load_cluster(cluster) if cluster is not None else None
+    client = jobs(address, token_file, insecure)
+    rows = node_table(client.nodes(), config)
+    return {"address": client.server.url,
+            "cluster": str(config.path) if config else None,
+            "nodes": rows,
+            "alive": sum(row["state"] == "ALIVE" for row in rows),
+            "mlx": sum(row["mlx"] for row in rows if row["state"] == "ALIVE"),
+            "rate_usd_per_hour": sum(row["rate_usd_per_hour"] for row in rows
+                                     if row["state"] == "ALIVE")}
 
 
 def _callbacks(on_progress, log) -> dict[str, Any]:

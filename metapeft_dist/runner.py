@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -186,7 +187,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
         }
         write_json_atomic(run_dir / "results.json", results)
     except BaseException as err:
-        outcome = job_outcome("failed", started, totals, f"{type(err).__name__}: {err}")
+        outcome = job_outcome(ended_by(err), started, totals, f"{type(err).__name__}: {err}")
         raise
     finally:
         metrics.job_ended(outcome["status"])
@@ -201,6 +202,16 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
                 log(f"could not push the outcome to {spec.metrics.pushgateway}: {push_err}")
     on_progress("done", 1, 1, {"results": str(run_dir / "results.json")})
     return results
+
+
+def ended_by(err: BaseException) -> str:
+    """"stopped" for Ctrl-C and SIGTERM (`metapeft stop`; a Ray driver's own handler
+    exits with the signal's number), else "failed"."""
+    if isinstance(err, KeyboardInterrupt):
+        return "stopped"
+    if isinstance(err, SystemExit) and err.code == signal.SIGTERM:
+        return "stopped"
+    return "failed"
 
 
 def job_outcome(status: str, started: float, totals: dict[str, Any],

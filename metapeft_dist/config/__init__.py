@@ -14,14 +14,15 @@ This package imports neither mlx nor ray.
 """
 
 from metapeft_dist.config.errors import ConfigError
-from metapeft_dist.config.loader import from_dict, load_spec, parse_spec
+from metapeft_dist.config.loader import from_dict, load_spec, parse_spec, section_from_dict
 from metapeft_dist.config.reference import reference
 from metapeft_dist.config.schema import (
-    ALGORITHMS, BASELINES, AlgorithmSpec, CheckpointSpec, EvalSpec, FamilySpec, InnerSpec,
-    JobSpec, LoraSpec, MamlppSpec, MetaSgdSpec, ModelSpec, OuterSpec, PretrainSpec,
-    ReptileSpec, RunSpec, RuntimeSpec)
+    ALGORITHMS, BASELINES, AlgorithmSpec, CheckpointSpec, CostSpec, EvalSpec, FamilySpec,
+    InnerSpec, JobSpec, LoraSpec, MamlppSpec, MetaSgdSpec, ModelSpec, OuterSpec,
+    PretrainSpec, ReptileSpec, RunSpec, RuntimeSpec)
 
-__all__ = ["ConfigError", "from_dict", "load_spec", "parse_spec", "reference", "ALGORITHMS",
-           "BASELINES", "AlgorithmSpec", "CheckpointSpec", "EvalSpec", "FamilySpec",
-           "InnerSpec", "JobSpec", "LoraSpec", "MamlppSpec", "MetaSgdSpec", "ModelSpec",
-           "OuterSpec", "PretrainSpec", "ReptileSpec", "RunSpec", "RuntimeSpec"]
+__all__ = ["ConfigError", "from_dict", "load_spec", "parse_spec", "reference",
+           "section_from_dict", "ALGORITHMS", "BASELINES", "AlgorithmSpec", "CheckpointSpec",
+           "CostSpec", "EvalSpec", "FamilySpec", "InnerSpec", "JobSpec", "LoraSpec",
+           "MamlppSpec", "MetaSgdSpec", "ModelSpec", "OuterSpec", "PretrainSpec",
+           "ReptileSpec", "RunSpec", "RuntimeSpec"]

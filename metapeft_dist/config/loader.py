@@ -88,6 +88,16 @@ def from_dict(data: Any) -> JobSpec:
     return spec
 
 
+def section_from_dict(cls: type, data: Any, path: str) -> Any:
+    """Validate one section of a spec (e.g. ``CostSpec`` from a cluster description)
+    given as plain data; errors carry ``path`` as their prefix."""
+    errors: list[tuple[str, str]] = []
+    section = _build(cls, data, path, errors)
+    if errors:
+        raise ConfigError(errors)
+    return section
+
+
 def _apply_override(data: dict, item: str, errors: list[tuple[str, str]]) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
