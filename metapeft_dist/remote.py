@@ -135,7 +135,8 @@ def job_server(address: str | None = None, token_file: str | None = None,
                insecure: bool = False, env: Mapping[str, str] = os.environ) -> JobServer:
     """The job server to talk to, with its token; refuses plain http to another machine
     without a token unless ``insecure``."""
-    address = address or env.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+    if address is None:
+        address = env.get(ADDRESS_ENV) or DEFAULT_ADDRESS
     scheme, host, port = parse_address(address)
     token, source = find_token(token_file, env)
     if scheme == "http" and not is_loopback(host) and token is None and not insecure:

@@ -123,6 +123,8 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
             address: str | None = None, resume: Checkpoint | None = None,
             log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Meta-train (from ``resume`` if given), evaluate, write results.json."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} is a file")
     if resume is None and (run_dir / "checkpoints").is_dir() and any(
             (run_dir / "checkpoints").iterdir()):
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "

@@ -124,3 +124,38 @@ def test_a_run_directory_is_never_overwritten(tmp_path):
     out = _cli("run", str(JOBS / "quickstart.yaml"), "--run-dir", str(run))
     assert out.returncode == 2 and "already holds a run" in out.stderr
     assert (run / "checkpoints" / "ckpt-00000010.safetensors").read_bytes() == b"precious"
+
+
+def _walk(command, path=()):
+    import click
+
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _walk(sub, (*path, name))
+
+
+def test_every_command_and_option_has_help_and_every_read_command_takes_json():
+    import click
+
+    from metapeft_dist.cli import main
+
+    seen, missing, without_json = [], [], []
+    for path, command in _walk(main):
+        name = " ".join(("metapeft", *path))
+        seen.append(name)
+        if not (command.help or "").strip():
+            missing.append(name)
+        for param in command.params:
+            if isinstance(param, click.Option) and not (param.help or "").strip():
+                missing.append(f"{name} {param.opts[0]}")
+        is_group = isinstance(command, click.Group)
+        if not is_group and path not in (("cluster", "up"), ("cluster", "down")) and not any(
+                "--json" in getattr(param, "opts", ()) for param in command.params):
+            without_json.append(name)
+    expected = {"metapeft", *(f"metapeft {c}" for c in (
+        "run", "validate", "report", "submit", "status", "logs", "stop", "list", "cluster",
+        "cluster up", "cluster down", "cluster status"))}
+    assert set(seen) == expected
+    assert not missing, missing
+    assert not without_json, without_json  # up and down only act; they read nothing

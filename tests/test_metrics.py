@@ -2,6 +2,7 @@
 
 import inspect
 import socket
+import urllib.error
 import urllib.request
 
 import pytest
@@ -120,6 +121,24 @@ def test_server_serves_metrics_and_falls_back_from_a_busy_port():
     finally:
         server.stop()
         busy.close()
+
+
+def test_the_metrics_endpoint_is_read_only():
+    """Only GET (and OPTIONS) are served; a write is refused and changes nothing."""
+    m = _metrics()
+    m.chunk_done("n", 3, 1, 0.1, 0.1, 0.1, 1, 1)
+    server = MetricsServer(m.registry, "127.0.0.1", 0)
+    line = 'metapeft_tasks_completed_total{algorithm="maml",job="j1",node="n"} 3.0'
+    try:
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            request = urllib.request.Request(server.url, data=b"x 1\n", method=method)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5)
+            assert refused.value.code == 405, method
+        body = urllib.request.urlopen(server.url, timeout=5).read().decode()
+        assert line in body
+    finally:
+        server.stop()
 
 
 def test_throughput_bins_coarsen_and_keep_totals():

@@ -1,3 +1,5 @@
 """Distributed execution: the Ray driver (driver.py), the MLX worker and the parameter
 server it runs as actors (worker.py, param_server.py, plain classes testable without
-Ray), and checkpoints (checkpoint.py). driver.py is the only module that imports ray."""
+Ray), checkpoints (checkpoint.py), the job-server client for submitted jobs (jobs.py) and
+the cluster description (launcher.py). Only these import ray, and jobs.py / launcher.py
+only when called."""

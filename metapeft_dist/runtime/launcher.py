@@ -10,7 +10,9 @@ into the job.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import shutil
 import subprocess
 import sys
@@ -85,7 +87,9 @@ def validate_with_ray(data: dict[str, Any], path: Path) -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     try:
-        validate_config(prepare_config(copy.deepcopy(data)))
+        # Ray prints its own complaint before raising it; the raised one is reported.
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            validate_config(prepare_config(copy.deepcopy(data)))
     except jsonschema.ValidationError as err:
         where = ".".join(str(p) for p in err.absolute_path) or "top level"
         raise ClusterConfigError(f"{path}: {where}: {err.message}") from None

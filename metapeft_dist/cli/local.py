@@ -1,0 +1,167 @@
+"""The commands that run on this machine: ``run``, ``validate``, ``report``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Any
+
+import click
+
+from metapeft_dist.cli.common import (EXIT_FAILED, fail_usage, overrides_option)
+from metapeft_dist.config import ConfigError
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+class _ProgressPrinter:
+    """Renders runner progress on stderr: a bar for meta-training, lines otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.shown = 0
+        # In a submitted job stderr is a log file: a bar would print once, so print a
+        # line every tenth of the way instead.
+        self.lines = not sys.stderr.isatty()
+
+    def __call__(self, stage: str, done: int, total: int, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if stage == "setup":
+            click.echo(f"run directory: {info['run_dir']}", err=True)
+        elif stage == "meta-train" and self.lines:
+            if done == total or done * 10 // total > self.shown * 10 // total:
+                text = f"meta-training {done}/{total}: loss {info['loss']:.4f}"
+                if "val" in info:
+                    text += f"  val {info['val']:.4f}"
+                click.echo(text, err=True)
+            self.shown = done
+        elif stage == "meta-train":
+            if self.bar is None:
+                self.bar = click.progressbar(length=total, label="meta-training",
+                                             file=sys.stderr, show_pos=True, show_eta=True,
+                                             item_show_func=lambda x: x)
+                self.bar.__enter__()
+            text = f"loss {info['loss']:.4f}"
+            if "val" in info:
+                text += f"  val {info['val']:.4f}"
+            self.bar.current_item = text
+            self.bar.update(done - self.shown)
+            self.shown = done
+            if done == total:
+                self.bar.__exit__(None, None, None)
+        elif stage == "evaluate":
+            click.echo(f"evaluating {done}/{total}: {info['init']} init, "
+                       f"{info['shots']}-shot", err=True)
+
+
+@click.command()
+@click.argument("spec", type=click.Path(), required=False)
+@click.option("--run-dir", type=click.Path(),
+              help="Write the run here (default: run.out_dir/NAME-TIMESTAMP).")
+@click.option("--resume", "resume_dir", type=click.Path(),
+              help="Continue the killed run in this directory from its newest good "
+                   "checkpoint (no SPEC: the run's own spec is used).")
+@click.option("--address", metavar="ADDRESS",
+              help="Join the Ray cluster at ADDRESS (e.g. 10.0.0.2:6379); default: start "
+                   "an embedded local Ray for the job.")
+@overrides_option
+@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: str | None,
+        overrides: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Meta-train and evaluate the job in SPEC (on Ray unless runtime.mode is local)."""
+    from metapeft_dist import api
+
+    if (spec is None) == (resume_dir is None):
+        fail_usage("give either SPEC or --resume RUN_DIR")
+    if resume_dir is not None and (overrides or run_dir):
+        fail_usage("--resume continues a run as it was; --set and --run-dir do not apply")
+    job_spec = None
+    if spec is not None:
+        try:
+            job_spec = api.load(spec, overrides)
+        except ConfigError as err:
+            fail_usage(str(err))
+    from metapeft_dist.results import format_table
+    from metapeft_dist.runner import RunDirError
+    from metapeft_dist.runtime.driver import ClusterError, StallError
+
+    progress = _ProgressPrinter(quiet or as_json)
+
+    def log(message: str) -> None:
+        click.echo(f"metapeft: {message}", err=True)
+
+    # `metapeft stop` (Ray's job server) sends SIGTERM: end like Ctrl-C, so the run
+    # directory records the job as stopped and its checkpoints stay resumable.
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        if resume_dir is not None:
+            results = api.resume(resume_dir, address, on_progress=progress, log=log)
+        else:
+            results = api.run(job_spec, run_dir, address=address, on_progress=progress,
+                              log=log)
+    except (RunDirError, ClusterError, ConfigError) as err:
+        fail_usage(str(err))
+    except StallError as err:
+        click.echo(f"error: the job failed: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    except (KeyboardInterrupt, SystemExit) as err:
+        if isinstance(err, SystemExit) and err.code != signal.SIGTERM:
+            raise
+        where = resume_dir or run_dir or "its run directory"
+        click.echo(f"metapeft: stopped; continue with metapeft run --resume {where}",
+                   err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(json.dumps(results, indent=1) if as_json else format_table(results))
+
+
+@click.command()
+@click.argument("spec", type=click.Path())
+@overrides_option
+@click.option("--json", "as_json", is_flag=True, help="Print {spec, valid, errors} as JSON.")
+def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check SPEC and list every error with its field path (exit 2 if any)."""
+    from metapeft_dist import api
+
+    errors = api.validate(spec, overrides)
+    if as_json:
+        click.echo(json.dumps({"spec": spec, "valid": not errors, "errors": errors}))
+    else:
+        for line in errors:
+            click.echo(f"error: {line}", err=True)
+        if not errors:
+            click.echo(f"{spec}: valid")
+    sys.exit(2 if errors else 0)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(),
+              help="Write the plots here (default: RUN_DIR/report).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {written, skipped} as JSON instead of one path per line.")
+def report(run_dir: str, out_dir: str | None, as_json: bool) -> None:
+    """Plot the finished run in RUN_DIR as PNGs: training, shots, cost, throughput.
+
+    A plot whose data results.json lacks (a run recorded before cost or throughput
+    tracking) is skipped with its reason on stderr.
+    """
+    from metapeft_dist import api
+    from metapeft_dist.report import ReportError
+
+    try:
+        outcome = api.report(run_dir, out_dir)
+    except ReportError as err:
+        fail_usage(str(err))
+    if as_json:
+        click.echo(json.dumps(outcome))
+        return
+    for path in outcome["written"]:
+        click.echo(path)
+    for name, reason in outcome["skipped"].items():
+        click.echo(f"skipped {name}: {reason}", err=True)
