@@ -41,6 +41,8 @@ class ClusterConfig:
     worker_ips: tuple[str, ...]
     ssh_user: str | None
     cost: CostSpec | None
+    ssh_private_key: str | None = None
+    file_mounts: tuple[tuple[str, str], ...] = ()  # (path on the nodes, local path)
 
 
 def load_cluster(path: str | Path) -> ClusterConfig:
@@ -77,7 +79,10 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     return ClusterConfig(path=path, name=str(data.get("cluster_name", "default")),
                          head_ip=str(provider.get("head_ip")),
                          worker_ips=tuple(str(ip) for ip in provider.get("worker_ips", [])),
-                         ssh_user=(data.get("auth") or {}).get("ssh_user"), cost=cost)
+                         ssh_user=(data.get("auth") or {}).get("ssh_user"), cost=cost,
+                         ssh_private_key=(data.get("auth") or {}).get("ssh_private_key"),
+                         file_mounts=tuple((str(k), str(v)) for k, v in
+                                           (data.get("file_mounts") or {}).items()))
 
 
 def validate_with_ray(data: dict[str, Any], path: Path) -> None:
@@ -108,11 +113,37 @@ def ray_executable() -> str:
     return found
 
 
+def preflight(config: ClusterConfig, cwd: Path | None = None) -> None:
+    """What ``ray up`` needs on this machine, checked before it starts (it would fail
+    half-way with a traceback): the SSH key, and every local path it copies to the
+    nodes, relative to the directory it runs in."""
+    cwd = Path.cwd() if cwd is None else cwd
+    if config.ssh_private_key:
+        key = Path(config.ssh_private_key).expanduser()
+        if not key.is_file():
+            raise ClusterConfigError(
+                f"{config.path}: auth.ssh_private_key {config.ssh_private_key} does not "
+                "exist: create it (ssh-keygen -t ed25519) and add its .pub to "
+                "~/.ssh/authorized_keys on every node")
+    for remote, local in config.file_mounts:
+        source = Path(local).expanduser()
+        source = source if source.is_absolute() else cwd / source
+        if not source.exists():
+            hint = " (create the cluster token: ray get-auth-token --generate)" \
+                if source.name == "auth_token" else ""
+            raise ClusterConfigError(f"{config.path}: file_mounts[{remote!r}]: {local} does "
+                                     f"not exist here{hint}")
+        if local in (".", "./") and not (source / "pyproject.toml").is_file():
+            raise ClusterConfigError(f"{config.path}: file_mounts copies {source} as the "
+                                     "project: run from the root of the metapeft checkout")
+
+
 def launch(config: ClusterConfig, action: str) -> int:
     """``ray up -y`` or ``ray down -y`` on the cluster; Ray's output goes to the terminal.
     Returns its exit status."""
     if action not in ("up", "down"):
         raise ValueError(action)
+    preflight(config)
     return subprocess.call([ray_executable(), action, "-y", str(config.path)])
 
 
