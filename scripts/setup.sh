@@ -14,6 +14,8 @@ APT_NEEDS=(
   "/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0 libopenblas0-pthread"
   "/usr/bin/promtool prometheus"  # tests/monitoring checks monitoring/ with promtool
   "/usr/bin/prometheus-pushgateway prometheus-pushgateway"  # the outcome-push test
+  "/usr/share/wordnet/data.noun wordnet-base"  # tests/tasks rebuilds the shipped text data
+  "/usr/share/games/fortunes/computers fortunes"  # from these two
 )
 
 install_apt() {
