@@ -19,9 +19,10 @@ from metapeft_dist.tasks.catalog import FAMILIES
 class FamilySpec:
     """The task family and the shape of its episodes."""
 
-    name: Literal["sinusoid", "gaussian", "digits"] = documented(
+    name: Literal["sinusoid", "gaussian", "digits", "wordnet", "fortunes", "jsonl"] = documented(
         "task family: sinusoid (regression), gaussian (binary classification), "
-        "digits (N-way image classification)"
+        "digits (N-way image classification), wordnet (WordNet supersenses of glosses), "
+        "fortunes (topics of fortune entries), jsonl (your own text tasks, see path)"
     )
     ways: int | None = documented(
         "classes per task (classification); gaussian is always 2; unset for regression",
@@ -38,10 +39,20 @@ class FamilySpec:
         "of 9 offsets), making new class variants against meta-overfitting",
         default=False,
     )
+    path: str | None = documented(
+        "jsonl only, and required there: a directory of *.jsonl files, one task per file, "
+        'each line {"text": str, "label": str or int}; files sorted by name, the last 25% '
+        "are meta-test and the 15% before them meta-val; every worker reads it",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         with Checks() as check:
             info = FAMILIES[self.name]
+            if self.name == "jsonl":
+                check(bool(self.path), "path", "jsonl needs path: a directory of *.jsonl files")
+            else:
+                check(self.path is None, "path", f"path applies to jsonl only, not {self.name}")
             check(self.shots >= 1, "shots", f"must be >= 1, got {self.shots}")
             check(self.query >= 1, "query", f"must be >= 1, got {self.query}")
             check(

@@ -20,4 +20,12 @@ def make_family(spec):
         from metapeft_dist.tasks.digits import Digits
 
         return Digits(spec.ways, spec.augment)
+    if spec.name in ("wordnet", "fortunes"):
+        from metapeft_dist.tasks.text import Fortunes, WordNet
+
+        return (WordNet if spec.name == "wordnet" else Fortunes)(spec.ways)
+    if spec.name == "jsonl":
+        from metapeft_dist.tasks.text import JsonlTasks
+
+        return JsonlTasks(spec.path, spec.ways, spec.shots, spec.query)
     raise ValueError(f"unknown task family {spec.name!r}")

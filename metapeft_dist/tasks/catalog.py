@@ -56,6 +56,41 @@ FAMILIES: dict[str, FamilyInfo] = {
         "(0, 1 and 8 only at 0/90: their 180-degree turns look the same); "
         "digits 0-4 meta-train, 5-6 meta-val, 7-9 meta-test",
     ),
+    "wordnet": FamilyInfo(
+        name="wordnet",
+        kind="classification",
+        input_shape=(),  # x is an index into the family's text corpus
+        image=False,
+        fixed_ways=None,
+        classes_per_split={"train": 27, "val": 7, "test": 11},
+        min_class_size=42,
+        description="WordNet 3.0 glosses ('<lemma>: <gloss>') labelled with their supersense "
+        "(45 lexicographer files such as noun.animal, verb.motion); categories split "
+        "60/15/25% by name hash",
+    ),
+    "fortunes": FamilyInfo(
+        name="fortunes",
+        kind="classification",
+        input_shape=(),
+        image=False,
+        fixed_ways=None,
+        classes_per_split={"train": 23, "val": 6, "test": 9},
+        min_class_size=52,
+        description="Debian fortune entries labelled with their topic (art, computers, food, "
+        "law, ...: 38 topics); topics split 60/15/25% by name hash",
+    ),
+    "jsonl": FamilyInfo(
+        name="jsonl",
+        kind="classification",
+        input_shape=(),
+        image=False,
+        fixed_ways=None,
+        classes_per_split=None,  # known only once the user's directory is read
+        min_class_size=None,
+        description="your own tasks: a directory of *.jsonl files, one task per file, lines "
+        "{\"text\": ..., \"label\": ...}; files sorted by name, the last 25% meta-test and "
+        "the 15% before them meta-val",
+    ),
 }
 
 SPLITS = ("train", "val", "test")
