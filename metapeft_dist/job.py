@@ -50,6 +50,13 @@ class Job:
         model, loss = self.model, self.objective.loss
         return lambda params, x, y: loss(model({**frozen, **params}, x), y)
 
+    def stored_frozen(self) -> Params:
+        """The frozen part a checkpoint keeps: all of it for the MLP and the conv net (a
+        pretrained base exists only in this run); nothing for the encoder, whose weights
+        are the model directory the spec names and whose corpus states are rebuilt from
+        the texts (models/encoder.py)."""
+        return {} if self.model.kind == "encoder" else self.frozen
+
     def episodes(self, split: str, iteration: int, indices, shots: int | None = None,
                  query: int | None = None) -> Episode:
         fam = self.spec.family
@@ -75,7 +82,14 @@ class Job:
 
     def baseline(self, name: str) -> Init:
         """random: a fresh standard init of the trainable part, same frozen base.
-        pretrained: the pretrained network with a fresh head, split like the job."""
+        pretrained: the pretrained network with a fresh head, split like the job.
+        head: the same fresh head as random, tuned alone; the rest frozen (adapters at
+        B = 0, so the base as it is)."""
+        if name == "head":
+            fresh = self.model.init(mx.random.key(self.spec.seed + 1))
+            head = {k: v for k, v in fresh.items() if is_head(k)}
+            rest = {k: v for k, v in fresh.items() if not is_head(k)}
+            return Init("head", self.algorithm.init_meta(head), {**self.frozen, **rest})
         if name == "random":
             fresh = self.model.init(mx.random.key(self.spec.seed + 1))
             trainable, _ = split_trainable(fresh, self.spec.model.train)
@@ -94,7 +108,7 @@ def build_job(spec: JobSpec) -> Job:
     family = make_family(spec.family)
     info = family.info
     out_dim = 1 if info.kind == "regression" else spec.family.ways
-    model = build_model(spec.model, info.input_shape, out_dim)
+    model = build_model(spec.model, info.input_shape, out_dim, family)
     objective = objective_for(info.kind)
     algorithm = make_algorithm(spec)
     job = Job(spec, family, model, objective, algorithm, frozen={}, initial_meta={})

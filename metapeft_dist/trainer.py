@@ -134,7 +134,8 @@ class MetaTrainer:
 
     def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
                    best: Meta | None = None) -> None:
-        save_checkpoint(path, iteration, self.meta, self.optimizer.state, self.job.frozen,
+        save_checkpoint(path, iteration, self.meta, self.optimizer.state,
+                        self.job.stored_frozen(),
                         {**info, "version": self.version}, best)
 
     def stats(self) -> dict[str, Any]:

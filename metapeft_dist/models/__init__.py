@@ -1,9 +1,11 @@
 """Models as pure functions over flat parameter dicts, with optional LoRA adapters.
 
 A :class:`Model` is a frozen description (layer sizes, LoRA scale) with ``init(key)``
-and ``__call__(params, x)``; it holds no arrays. Which parameters are meta-learned is a
-partition of the names (:func:`trainable_names`): everything, or only the LoRA adapters
-and the head, with the rest frozen and closed over by the loss.
+and ``__call__(params, x)``; it holds no arrays. The text encoder
+(:class:`metapeft_dist.models.encoder.EncoderModel`) has the same three methods. Which
+parameters are meta-learned is a partition of the names (:func:`trainable_names`):
+everything, or only the LoRA adapters and the head, with the rest frozen and closed over
+by the loss.
 """
 
 from __future__ import annotations
@@ -47,8 +49,13 @@ class Model:
                      self.lora_scale)
 
 
-def build_model(spec, input_shape: tuple[int, ...], out_dim: int) -> Model:
-    """``spec`` is a :class:`metapeft_dist.config.ModelSpec`."""
+def build_model(spec, input_shape: tuple[int, ...], out_dim: int, family=None) -> Model:
+    """``spec`` is a :class:`metapeft_dist.config.ModelSpec`; a text family's model (kind
+    encoder) reads the texts of ``family.corpus`` (models/encoder.py)."""
+    if spec.kind == "encoder":
+        from metapeft_dist.models.encoder import build_encoder
+
+        return build_encoder(spec, tuple(family.corpus.texts), out_dim)  # type: ignore[return-value]
     widths = tuple(spec.hidden if spec.kind == "mlp" else spec.channels)
     if spec.lora is None:
         return Model(spec.kind, tuple(input_shape), widths, out_dim)

@@ -141,7 +141,7 @@ class RayExecutor:
             num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
         self.ps = ServerActor.remote(self.spec.to_dict(), encode(job.initial_meta, 0),
-                                     encode({"frozen": job.frozen}, 0), total, resume_path)
+                                     encode({"frozen": job.stored_frozen()}, 0), total, resume_path)
         self.version = ray.get(self.ps.get_version.remote())
         self._worker_class = ray.remote(RayWorker).options(
             num_cpus=0, resources={"mlx": 1}, max_restarts=-1, max_task_retries=0)

@@ -94,3 +94,5 @@ FAMILIES: dict[str, FamilyInfo] = {
 }
 
 SPLITS = ("train", "val", "test")
+# Families whose examples are texts (x: indices into the family's corpus).
+TEXT_FAMILIES = ("wordnet", "fortunes", "jsonl")
