@@ -1,0 +1,299 @@
+"""models/causal_lm.py and models/export.py on a tiny random llama saved by the test
+(tiny_llama.py): the LM classifier starts equal to the base LM, reads right-padded prompts
+as the unpadded LM does, its gradients through mlx-lm's LoRA layers match finite
+differences, it vmaps over tasks and SGD on its adapters learns; exported adapters load
+in mlx-lm (load, generate, load_adapters, `mlx_lm lora` training) and give our logits.
+Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import load_adapters
+from tiny_llama import save_tiny_llama
+
+from metapeft_dist.models.causal_lm import (
+    LETTERS,
+    PROMPT,
+    CausalLMModel,
+    build_causal_lm,
+)
+from metapeft_dist.models.export import export_adapters, load_exported
+
+KEYS = ("self_attn.q_proj", "self_attn.v_proj")
+TEXTS = (
+    "The cat sat on the mat.",
+    "Stocks fell after the bank raised rates.",
+    "The team won the final.",
+    "Heavy rain flooded the roads in the north of the city, and the river rose all night "
+    "long while the people of the old town moved their cars to higher ground.",
+)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield str(save_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+
+
+def make_model(path, ways=3, num_layers=2, max_len=24):
+    return CausalLMModel(path, num_layers, KEYS, 4, 2.0, max_len, ways, TEXTS)
+
+
+def split(params):
+    adapters = {n: v for n, v in params.items() if not n.startswith("inputs.")}
+    frozen = {n: v for n, v in params.items() if n.startswith("inputs.")}
+    return adapters, frozen
+
+
+def random_b(adapters, seed=7, std=0.3):
+    """Nonzero B, so every adapter entry has a gradient."""
+    keys = mx.random.split(mx.random.key(seed), len(adapters))
+    return {n: std * mx.random.normal(v.shape, key=k) if n.endswith("lora_b") else v
+            for k, (n, v) in zip(keys, adapters.items(), strict=True)}
+
+
+def make_loss(model, frozen):
+    def loss(adapters, x, y):
+        logits = model({**adapters, **frozen}, x)
+        return mx.mean(mx.logsumexp(logits, axis=-1)
+                       - mx.take_along_axis(logits, y[:, None], axis=-1)[:, 0])
+    return loss
+
+
+def test_tiny_llama_saves_deterministically_and_loads_offline(llama_dir, tmp_path):
+    again = save_tiny_llama(tmp_path / "again")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                 "model.safetensors"):
+        assert (again / name).read_bytes() == open(os.path.join(llama_dir, name), "rb").read()
+    model, tokenizer = mlx_lm.load(llama_dir)
+    config = json.loads((again / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["hidden_size"] == 64
+    assert config["vocab_size"] == len(tokenizer.vocab)
+    assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
+    ids = tokenizer.encode("Text: The cat sat.\nLabel:")
+    assert ids[0] == tokenizer.bos_token_id
+    assert model(mx.array([ids])).shape == (1, len(ids), config["vocab_size"])
+
+
+def test_verbalizer_tokens_are_single_distinct_letters(llama_dir):
+    model = make_model(llama_dir, ways=26)
+    ids = model.verbalizer().tolist()
+    assert len(set(ids)) == 26
+    tokenizer = mlx_lm.load(llama_dir)[1]
+    for letter, token in zip(LETTERS, ids, strict=True):
+        assert tokenizer.encode(f" {letter}", add_special_tokens=False) == [token]
+    assert model.with_out_dim(2).verbalizer().tolist() == ids[:2]
+    with pytest.raises(ValueError, match="1 to 26 labels"):
+        model.with_out_dim(27).verbalizer()
+
+
+def test_prompts_are_right_padded_and_end_at_the_label(llama_dir):
+    model = make_model(llama_dir, max_len=24)
+    params = model.init(mx.random.key(0))
+    ids, mask = np.array(params["inputs.ids"]), np.array(params["inputs.mask"])
+    tokenizer = mlx_lm.load(llama_dir)[1]
+    tail = tokenizer.encode("\nLabel:", add_special_tokens=False)
+    assert ids.shape == mask.shape == (len(TEXTS), 24)
+    for i, text in enumerate(TEXTS):
+        n = int(mask[i].sum())
+        assert (mask[i, :n] == 1).all() and (mask[i, n:] == 0).all()
+        full = tokenizer.encode(PROMPT.format(text=text))
+        if len(full) <= 24:
+            assert ids[i, :n].tolist() == full
+        else:  # the long text: its head and the prompt's tail
+            assert n == 24 and ids[i, :24 - len(tail)].tolist() == full[:24 - len(tail)]
+        assert ids[i, n - len(tail):n].tolist() == tail
+    assert mask.sum(axis=1).max() == 24 and mask.sum(axis=1).min() < 24
+
+
+def test_init_gives_mlx_lm_adapters_of_the_top_layers(llama_dir):
+    model = make_model(llama_dir, num_layers=1)
+    adapters, frozen = split(model.init(mx.random.key(0)))
+    module_names = {n for n, _ in tree_flatten(model.module().trainable_parameters())}
+    assert set(adapters) == module_names == {
+        f"model.layers.1.{k}.{p}" for k in KEYS for p in ("lora_a", "lora_b")}
+    assert adapters["model.layers.1.self_attn.q_proj.lora_a"].shape == (64, 4)
+    assert all(not v.any().item() for n, v in adapters.items() if n.endswith("lora_b"))
+    assert set(frozen) == {"inputs.ids", "inputs.mask"}
+    again, _ = split(model.init(mx.random.key(0)))
+    assert all(mx.array_equal(again[n], adapters[n]).item() for n in adapters)
+
+
+def test_zero_b_gives_the_base_lm_logits_exactly(llama_dir):
+    model = make_model(llama_dir)
+    params = model.init(mx.random.key(1))
+    x = mx.array([3, 0, 2, 1, 0], dtype=mx.int32)
+    base, _ = mlx_lm.load(llama_dir)
+    ids = params["inputs.ids"][x]
+    last = params["inputs.mask"][x].sum(axis=-1) - 1
+    expected = base(ids)[mx.arange(x.shape[0]), last][:, model.verbalizer()]
+    assert mx.array_equal(model(params, x), expected).item()
+    for i in range(x.shape[0]):  # and the unpadded prompt gives the same, to rounding
+        alone = base(ids[i:i + 1, :last[i].item() + 1])[0, -1][model.verbalizer()]
+        np.testing.assert_allclose(np.array(model(params, x)[i]), np.array(alone), atol=1e-5)
+
+
+def test_index_shape_is_kept(llama_dir):
+    model = make_model(llama_dir, ways=2)
+    params = model.init(mx.random.key(2))
+    x = mx.array([[0, 1, 2], [3, 2, 1]], dtype=mx.int32)
+    out = model(params, x)
+    assert out.shape == (2, 3, 2) and out.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(out[1]), np.array(model(params, x[1])))
+
+
+def test_gradient_through_module_update_matches_finite_differences(llama_dir):
+    model = make_model(llama_dir)
+    adapters, frozen = split(model.init(mx.random.key(3)))
+    adapters = random_b(adapters)
+    loss = make_loss(model, frozen)
+    x, y = mx.array([0, 1, 2, 3], dtype=mx.int32), mx.array([0, 1, 2, 1], dtype=mx.int32)
+    value, grads = mx.value_and_grad(loss)(adapters, x, y)
+    assert abs(value.item() - loss(adapters, x, y).item()) < 1e-6
+    eps = 1e-3
+    for name in ("model.layers.0.self_attn.q_proj.lora_a",
+                 "model.layers.1.self_attn.v_proj.lora_b"):
+        g = np.array(grads[name])
+        index = np.unravel_index(np.abs(g).argmax(), g.shape)
+        bump = np.zeros(g.shape, dtype=np.float32)
+        bump[index] = eps
+
+        def at(delta, name=name, bump=bump):
+            return loss({**adapters, name: adapters[name] + delta * mx.array(bump)}, x, y).item()
+
+        fd = (at(1.0) - at(-1.0)) / (2 * eps)
+        assert abs(g[index]) > 1e-2, (name, g[index])
+        assert abs(g[index] - fd) < 2e-2 * abs(fd), (name, g[index], fd)
+
+
+def test_vmap_over_tasks_equals_separate_calls(llama_dir):
+    model = make_model(llama_dir)
+    adapters, frozen = split(model.init(mx.random.key(4)))
+    tasks = [random_b(adapters, seed=10), random_b(adapters, seed=11, std=0.5)]
+    stacked = {n: mx.stack([t[n] for t in tasks]) for n in adapters}
+    xs = mx.array([[0, 1, 2, 3], [3, 3, 1, 0]], dtype=mx.int32)
+    ys = mx.array([[0, 1, 2, 1], [2, 0, 0, 1]], dtype=mx.int32)
+    loss_and_grad = mx.value_and_grad(make_loss(model, frozen))
+    losses, grads = mx.vmap(loss_and_grad)(stacked, xs, ys)
+    logits = mx.vmap(lambda a, x: model({**a, **frozen}, x))(stacked, xs)
+    for t in range(2):
+        np.testing.assert_allclose(np.array(logits[t]),
+                                   np.array(model({**tasks[t], **frozen}, xs[t])), atol=1e-5)
+        loss, grad = loss_and_grad(tasks[t], xs[t], ys[t])
+        np.testing.assert_allclose(losses[t].item(), loss.item(), rtol=1e-5)
+        for n in grad:
+            np.testing.assert_allclose(np.array(grads[n][t]), np.array(grad[n]), atol=1e-5)
+
+
+def test_sgd_on_the_adapters_lowers_the_loss(llama_dir):
+    model = make_model(llama_dir, ways=2)
+    adapters, frozen = split(model.init(mx.random.key(5)))
+    loss_and_grad = mx.value_and_grad(make_loss(model, frozen))
+    x, y = mx.array([0, 1, 2, 3], dtype=mx.int32), mx.array([0, 1, 1, 0], dtype=mx.int32)
+    before = loss_and_grad(adapters, x, y)[0].item()
+    for _ in range(10):
+        _, grads = loss_and_grad(adapters, x, y)
+        adapters = {n: adapters[n] - 0.5 * grads[n] for n in adapters}
+    after = loss_and_grad(adapters, x, y)[0].item()
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.fixture(scope="module")
+def exported(llama_dir, tmp_path_factory):
+    """Trained-looking adapters on the top layer, exported."""
+    model = make_model(llama_dir, num_layers=1)
+    params = model.init(mx.random.key(6))
+    adapters, frozen = split(params)
+    adapters = random_b(adapters, seed=12)
+    out = export_adapters({**adapters, **frozen}, tmp_path_factory.mktemp("export"),
+                          llama_dir, 1, 4, 2.0, KEYS)
+    return model, adapters, frozen, out
+
+
+def test_export_writes_mlx_lm_format(exported, llama_dir):
+    model, adapters, _, out = exported
+    weights, config = load_exported(out)
+    assert set(weights) == set(adapters)  # inputs.* left out
+    assert all(mx.array_equal(weights[n], adapters[n]).item() for n in adapters)
+    assert config == {"fine_tune_type": "lora", "model": llama_dir, "num_layers": 1,
+                      "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0,
+                                          "keys": list(KEYS)}}
+    again = model.export({**adapters}, out.parent / "via_model")
+    assert load_exported(again)[1] == config
+    with pytest.raises(ValueError, match="no lora_a"):
+        export_adapters({"inputs.ids": mx.zeros((1, 1))}, out.parent / "empty", llama_dir,
+                        1, 4, 2.0, KEYS)
+
+
+def test_mlx_lm_loads_the_export_and_gives_our_logits(exported, llama_dir):
+    model, adapters, frozen, out = exported
+    loaded, tokenizer = mlx_lm.load(llama_dir, adapter_path=str(out))
+    x = mx.array([0, 1, 2, 3], dtype=mx.int32)
+    ids = frozen["inputs.ids"][x]
+    last = frozen["inputs.mask"][x].sum(axis=-1) - 1
+    theirs = loaded(ids)[mx.arange(4), last][:, model.verbalizer()]
+    ours = model({**adapters, **frozen}, x)
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-5)
+    base = make_model(llama_dir, num_layers=1)  # the export differs from the base LM
+    assert not np.allclose(np.array(ours), np.array(base(base.init(mx.random.key(0)), x)),
+                           atol=1e-3)
+    text = mlx_lm.generate(loaded, tokenizer, PROMPT.format(text="The cat sat."),
+                           max_tokens=5)
+    assert isinstance(text, str) and text
+
+
+def test_mlx_lm_load_adapters_accepts_the_export(exported, llama_dir):
+    _, adapters, _, out = exported
+    fresh, _ = mlx_lm.load(llama_dir)
+    load_adapters(fresh, str(out))
+    params = dict(tree_flatten(fresh.parameters()))
+    for name, value in adapters.items():
+        assert mx.array_equal(params[name], value).item(), name
+
+
+def test_mlx_lm_lora_trains_from_the_export(exported, llama_dir, tmp_path):
+    _, adapters, _, out = exported
+    data = tmp_path / "data"
+    data.mkdir()
+    for split_name in ("train", "valid"):
+        with open(data / f"{split_name}.jsonl", "w") as f:
+            for letter, text in zip(string.ascii_uppercase, TEXTS[:2], strict=False):
+                f.write(json.dumps({"text": PROMPT.format(text=text) + f" {letter}"}) + "\n")
+    resumed = tmp_path / "resumed"
+    run = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "lora", "--model", llama_dir, "--train",
+         "--data", str(data), "-c", str(out / "adapter_config.json"),
+         "--resume-adapter-file", str(out / "adapters.safetensors"),
+         "--adapter-path", str(resumed), "--iters", "1", "--batch-size", "1",
+         "--val-batches", "1", "--steps-per-eval", "100", "--max-seq-length", "64"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    trained, config = load_exported(resumed)
+    assert {n: v.shape for n, v in trained.items()} == {n: v.shape for n, v in adapters.items()}
+    assert config["num_layers"] == 1 and config["lora_parameters"]["keys"] == list(KEYS)
+
+
+def test_build_from_a_spec_maps_encoder_target_names(llama_dir):
+    lora = SimpleNamespace(rank=2, scale=1.5, layers=None, targets=("query", "output"))
+    spec = SimpleNamespace(path=llama_dir, max_len=20, lora=lora)
+    model = build_causal_lm(spec, TEXTS, 3)
+    assert (model.num_layers, model.keys, model.kind) == (
+        2, ("self_attn.q_proj", "self_attn.o_proj"), "causal_lm")
+    assert model.with_out_dim(5).out_dim == 5 and model.with_out_dim(5).texts == TEXTS
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_causal_lm(SimpleNamespace(path=llama_dir + "/missing", max_len=20, lora=lora),
+                        TEXTS, 3)
