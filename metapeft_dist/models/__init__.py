@@ -51,11 +51,16 @@ class Model:
 
 def build_model(spec, input_shape: tuple[int, ...], out_dim: int, family=None) -> Model:
     """``spec`` is a :class:`metapeft_dist.config.ModelSpec`; a text family's model (kind
-    encoder) reads the texts of ``family.corpus`` (models/encoder.py)."""
+    encoder or causal_lm) reads the texts of ``family.corpus`` (models/encoder.py,
+    models/causal_lm.py)."""
     if spec.kind == "encoder":
         from metapeft_dist.models.encoder import build_encoder
 
         return build_encoder(spec, tuple(family.corpus.texts), out_dim)  # type: ignore[return-value]
+    if spec.kind == "causal_lm":
+        from metapeft_dist.models.causal_lm import build_causal_lm
+
+        return build_causal_lm(spec, tuple(family.corpus.texts), out_dim)  # type: ignore[return-value]
     widths = tuple(spec.hidden if spec.kind == "mlp" else spec.channels)
     if spec.lora is None:
         return Model(spec.kind, tuple(input_shape), widths, out_dim)

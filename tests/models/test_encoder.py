@@ -129,7 +129,7 @@ def test_head_baseline_tunes_the_head_alone(tmp_path, cache):
 
 @pytest.mark.parametrize("text, phrase", [
     ("family: {name: wordnet}\nalgorithm: {name: fomaml}\n",
-     "model.kind: wordnet is a text family: use kind encoder"),
+     "model.kind: wordnet is a text family: use kind encoder or causal_lm"),
     ("family: {name: digits}\nalgorithm: {name: fomaml}\n"
      "model: {kind: encoder, train: lora, lora: {}}\n", "model.kind: encoder needs a text family"),
     ("family: {name: wordnet}\nalgorithm: {name: fomaml}\nmodel: {kind: encoder}\n",
@@ -141,12 +141,22 @@ def test_head_baseline_tunes_the_head_alone(tmp_path, cache):
      "model: {kind: encoder, train: lora, lora: {}}\neval: {baselines: [pretrained]}\n",
      "eval.baselines: pretrained does not apply to the encoder"),
     ("family: {name: digits}\nalgorithm: {name: fomaml}\n"
-     "model: {train: lora, lora: {layers: 1}}\n", "model.lora.layers: applies to kind encoder"),
+     "model: {train: lora, lora: {layers: 1}}\n", "model.lora.layers: applies to kinds encoder and causal_lm"),
     ("family: {name: wordnet}\nalgorithm: {name: fomaml}\n"
      "model: {kind: encoder, train: lora, lora: {targets: [query, attention]}}\n",
      "model.lora.targets"),
     ("family: {name: wordnet}\nalgorithm: {name: fomaml}\n"
      "model: {kind: encoder, train: lora, lora: {}, max_len: 1}\n", "model.max_len: must be >= 2"),
+    ("family: {name: wordnet}\nalgorithm: {name: fomaml}\n"
+     "model: {kind: causal_lm, train: lora, lora: {}}\n", "model.path: causal_lm needs path"),
+    ("family: {name: wordnet}\nalgorithm: {name: fomaml}\n"
+     "model: {kind: causal_lm, path: m, train: lora, lora: {}}\neval: {baselines: [head]}\n",
+     "eval.baselines: head does not apply to causal_lm"),
+    ("family: {name: jsonl, path: d, ways: 27}\nalgorithm: {name: fomaml}\n"
+     "model: {kind: causal_lm, path: m, train: lora, lora: {}}\n",
+     "family.ways: causal_lm verbalizes labels as the letters A-Z: at most 26"),
+    ("family: {name: digits}\nalgorithm: {name: fomaml}\nmodel: {path: m}\n",
+     "model.path: applies to kinds encoder and causal_lm"),
 ])
 def test_bad_encoder_specs_name_the_field(text, phrase):
     with pytest.raises(ConfigError) as err:

@@ -5,6 +5,7 @@ a SIGKILLed driver resumes bitwise; async never applies a result staler than S."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -263,3 +264,53 @@ def test_async_never_applies_a_result_staler_than_the_bound(cluster, tmp_path, b
     assert ps["version"] == ps["applied"]
     if bound == 0:
         assert ps["dropped"] > 0  # three workers reading one version: some must be stale
+
+
+LLAMA_TASKS = {
+    "weather": ["rain falls today", "a storm comes", "the sun is warm", "snow at night",
+                "wind in the trees", "fog at dawn"],
+    "food": ["pasta with sauce", "fresh bread", "pizza for dinner", "apples and cheese",
+             "salty soup", "chocolate cake"],
+    "sport": ["the team won", "she runs fast", "a late goal", "an ace in tennis",
+              "laps in the pool", "a long climb by bike"],
+}
+
+
+def test_a_tiny_llama_lora_job_meta_trains_on_three_nodes(cluster, tmp_path):
+    """A causal-LM LoRA job (a tiny llama saved by the test, a JSONL task family) on
+    the 3-node cluster: one worker per node, every task done once, only adapters in the
+    checkpoint, and meta-training moved them."""
+    from tiny_llama import save_tiny_llama
+
+    llama = save_tiny_llama(tmp_path / "llama")
+    data = tmp_path / "tasks"
+    data.mkdir()
+    for i, pair in enumerate([("weather", "food"), ("food", "sport"), ("sport", "weather")]):
+        lines = [json.dumps({"text": t, "label": label}) for label in pair
+                 for t in LLAMA_TASKS[label]]
+        (data / f"task{i}.jsonl").write_text("\n".join(lines) + "\n")
+    spec = parse_spec(f"""
+name: llama
+family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
+model: {{kind: causal_lm, path: {llama}, train: lora, max_len: 24, lora: {{rank: 2, layers: 1}}}}
+algorithm: {{name: fomaml, meta_batch: 3, iterations: 4}}
+runtime: {{mode: sync, chunk: 1}}
+inner: {{steps: 2, lr: 0.5}}
+eval: {{tasks: 4, shots: [2], steps: 2, every: 2, val_tasks: 2, chunk: 4}}
+metrics: {{enabled: false}}
+""")
+    assert spec.eval.baselines == ("random",)  # no head: labels are the letters A, B
+    results = run_job(spec, tmp_path / "run")
+    runtime = results["runtime"]
+    assert runtime["workers"] == 3 and len(runtime["nodes"]) == 3
+    assert runtime["tasks_completed"] == 4 * 3
+    assert runtime["parameter_server"]["accepted"] == 4 * 3
+    final = load_checkpoint(results["meta_training"]["checkpoint"])
+    assert final.frozen == {}
+    params = final.meta["params"]
+    assert params and all(name.endswith(("lora_a", "lora_b")) for name in params)
+    assert all(".layers.1." in name for name in params)  # the top layer of 2
+    assert any(mx.any(params[n]).item() for n in params if n.endswith("lora_b"))
+    inits = results["evaluation"]["shots"]["2"]["inits"]
+    assert set(inits) == {"meta", "random"} and all(len(v["mean"]) == 3
+                                                    for v in inits.values())
