@@ -76,6 +76,18 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, 
     return write_report(run_dir, out_dir)
 
 
+def adapt(run_dir: str | Path, data: str | Path, out_dir: str | Path | None = None,
+          steps: int | None = None, holdout: str | Path | None = None) -> dict[str, Any]:
+    """Adapt a finished text run's meta-learned init to the task in ``data`` (a JSONL
+    file of a few labelled examples), write the adapter to ``out_dir`` (default
+    ``run_dir/adapted/<task>``) and return the losses and accuracies before and after
+    (on ``holdout`` examples too, if given). Raises
+    :class:`metapeft_dist.adapt.AdaptError` or :class:`ConfigError` (a bad line)."""
+    from metapeft_dist.adapt import adapt_task
+
+    return adapt_task(run_dir, data, out_dir, steps, holdout)
+
+
 # --- a cluster's jobs (Ray's job server) ----------------------------------------------
 
 def jobs(address: str | None = None, token_file: str | None = None,

@@ -7,6 +7,7 @@ baselines on meta-test tasks, and write everything to the run directory:
   RUN_DIR/checkpoints/ckpt-*.safetensors, best.safetensors
   RUN_DIR/results.json              curves, timings, runtime counters, evaluation, cost
   RUN_DIR/outcome.json              status, end time, duration, totals (also on failure)
+  RUN_DIR/adapter/                  text runs: the selected init as an adapter
 
 While it runs, the job's metrics are served at ``metrics.address:metrics.port``
 (metrics.py); the cost figures come from cost.py.
@@ -168,6 +169,8 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
         finally:
             executor.close()
         evaluation = evaluate_job(job, selected, on_progress)
+        if hasattr(job.model, "export"):  # text models: the init as an adapter to share
+            job.model.export(selected["params"], run_dir / "adapter")
         cost = job_cost(job, selected, evaluation, spend)
         metrics.costs(cost)
         outcome = job_outcome("succeeded", started, totals)

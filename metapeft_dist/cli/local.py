@@ -165,3 +165,41 @@ def report(run_dir: str, out_dir: str | None, as_json: bool) -> None:
         click.echo(path)
     for name, reason in outcome["skipped"].items():
         click.echo(f"skipped {name}: {reason}", err=True)
+
+
+@click.command()
+@click.option("--init", "run_dir", required=True, type=click.Path(), metavar="RUN_DIR",
+              help="A finished text run (model.kind encoder or causal_lm) whose "
+                   "meta-learned init to start from.")
+@click.option("--data", required=True, type=click.Path(), metavar="TASK.jsonl",
+              help='The new task\'s few labelled examples, lines {"text": ..., "label": ...}.')
+@click.option("--holdout", type=click.Path(), metavar="HELDOUT.jsonl",
+              help="Held-out examples of the same task: report accuracy on them before "
+                   "and after.")
+@click.option("--steps", type=int, help="Adaptation steps (default: the run's eval.steps).")
+@click.option("--out", "out_dir", type=click.Path(), help="Write the adapter here "
+              "(default: RUN_DIR/adapted/<task file name>).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def adapt(run_dir: str, data: str, holdout: str | None, steps: int | None,
+          out_dir: str | None, as_json: bool) -> None:
+    """Fine-tune a new task from a few examples, starting from a run's meta-learned init,
+    and write its adapter (mlx-lm's format for a causal LM)."""
+    from metapeft_dist import api
+    from metapeft_dist.adapt import AdaptError
+
+    try:
+        report = api.adapt(run_dir, data, out_dir, steps, holdout)
+    except (AdaptError, ConfigError) as err:
+        fail_usage(str(err).splitlines()[0])
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    before, after = report["support_accuracy"]
+    click.echo(f"{report['task']}: {len(report['labels'])} labels, {report['examples']} "
+               f"examples, {report['steps']} steps in {report['seconds']:.2f} s")
+    click.echo(f"  support accuracy {100 * before:.1f}% -> {100 * after:.1f}%")
+    if "holdout_accuracy" in report:
+        before, after = report["holdout_accuracy"]
+        click.echo(f"  held-out accuracy {100 * before:.1f}% -> {100 * after:.1f}%")
+    click.echo(f"  adapter: {report['adapter']}")
+

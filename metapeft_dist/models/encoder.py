@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -71,6 +72,22 @@ class EncoderModel:
         mask = params["inputs.mask"][index]
         return LOGIT_SCALE * bert.classify(params, self.config, None, mask, self.lora_scale,
                                            self.start_layer, hidden)
+
+    def export(self, params: Params, out_dir) -> Path:
+        """Adapters and head as ``adapters.safetensors``, with ``adapter_config.json``
+        naming the base model and where the adapters sit (mlx-lm has no BERT models, so
+        this is the project's own format, laid out like mlx-lm's)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {k: v for k, v in params.items() if not k.startswith("inputs.")}
+        mx.save_safetensors(str(out / "adapters.safetensors"), arrays)
+        config = {"fine_tune_type": "lora", "model_type": "metapeft-encoder",
+                  "model": self.path, "max_len": self.max_len,
+                  "layers": list(self.adapted_layers), "targets": list(self.targets),
+                  "lora_parameters": {"rank": self.lora_rank, "scale": self.lora_scale},
+                  "logit_scale": LOGIT_SCALE, "out_dim": int(arrays["head.w"].shape[0])}
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        return out
 
     def with_out_dim(self, out_dim: int) -> "EncoderModel":
         return EncoderModel(self.path, self.config, self.max_len, self.adapted_layers,

@@ -1,0 +1,161 @@
+"""A new task from a finished text run's meta-learned init (``metapeft adapt``): read
+the task's few labelled examples (a JSONL file, lines ``{"text": ..., "label": ...}``),
+adapt the init with the run's own inner loop, write the adapted adapter, and, given
+held-out examples of the same task, say how well it does before and after.
+
+The adapter is written as the run's model exports it: a causal LM's in mlx-lm's format
+(adapters.safetensors + adapter_config.json, for ``mlx_lm.load(base,
+adapter_path=...)``, ``mlx_lm.generate --adapter-path`` and ``mlx_lm.lora
+--resume-adapter-file``); the encoder's as adapters.safetensors (adapters and head) with
+its own adapter_config.json. ``labels.json`` maps output index to label (a causal LM
+answers with the letter of that index).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from metapeft_dist.algorithms import make_algorithm
+from metapeft_dist.config import ConfigError, JobSpec, load_spec
+from metapeft_dist.models import build_model, is_head
+from metapeft_dist.objectives import CLASSIFICATION
+from metapeft_dist.runtime.checkpoint import (CheckpointError, load_checkpoint,
+                                              newest_good_checkpoint)
+from metapeft_dist.tasks.text import read_task
+from metapeft_dist.tree import Meta
+
+TEXT_KINDS = ("encoder", "causal_lm")
+
+
+class AdaptError(ValueError):
+    """The run or the task cannot be adapted: one line (exit status 2)."""
+
+
+def load_init(run_dir: str | Path) -> tuple[JobSpec, Meta, str]:
+    """The run's spec, its selected meta-learned init (results.json names it; without
+    results, the newest good checkpoint) and where it came from."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "spec.yaml").is_file():
+        raise AdaptError(f"{run_dir} is not a run directory (no spec.yaml)")
+    spec = load_spec(run_dir / "spec.yaml")
+    if spec.model.kind not in TEXT_KINDS:
+        raise AdaptError(f"{run_dir} is a {spec.model.kind} run; adapt works on text runs "
+                         "(model.kind encoder or causal_lm)")
+    path = None
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        path = results["meta_training"]["selected_checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        if path is None or not Path(path).is_file():
+            checkpoint = newest_good_checkpoint(run_dir / "checkpoints")
+        else:
+            checkpoint = load_checkpoint(path)
+    except CheckpointError as err:
+        raise AdaptError(str(err)) from None
+    if checkpoint is None:
+        raise AdaptError(f"{run_dir / 'checkpoints'} holds no usable checkpoint")
+    return spec, checkpoint.meta, checkpoint.path
+
+
+def read_examples(file: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """(texts, int labels, label names) of one JSONL task file; a bad line is one
+    ConfigError naming file:line."""
+    file = Path(file)
+    if not file.is_file():
+        raise AdaptError(f"task file not found: {file}")
+    texts: list[str] = []
+    labels: list[int] = []
+    names: list[str] = []
+    read_task(file, str(file), texts, labels, names)
+    return texts, np.array(labels, dtype=np.int32), [n.split(":", 1)[1] for n in names]
+
+
+def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None = None,
+               steps: int | None = None, holdout: str | Path | None = None
+               ) -> dict[str, Any]:
+    """Adapt the run's init to the task in ``data`` for ``steps`` steps (default: the
+    run's ``eval.steps``), write the adapter to ``out_dir`` (default
+    ``RUN_DIR/adapted/<task file stem>``) and return what happened."""
+    spec, meta, source = load_init(run_dir)
+    texts, labels, names = read_examples(data)
+    held_texts, held_labels = [], np.zeros(0, dtype=np.int32)
+    if holdout is not None:
+        held_texts, held, held_names = read_examples(holdout)
+        unknown = sorted(set(held_names) - set(names))
+        if unknown:
+            raise AdaptError(f"{holdout} has labels the task file {data} lacks: "
+                             f"{', '.join(map(str, unknown))}")
+        held_labels = np.array([names.index(held_names[i]) for i in held], dtype=np.int32)
+    ways = len(names)
+    out_dim = ways if spec.model.kind == "causal_lm" else spec.family.ways
+    if ways > out_dim:
+        raise AdaptError(f"{data} has {ways} labels; the run's head has {out_dim} outputs "
+                         f"(family.ways = {spec.family.ways})")
+    steps = spec.eval.steps if steps is None else steps
+    if steps < 0:
+        raise AdaptError(f"steps must be >= 0, got {steps}")
+
+    corpus = SimpleNamespace(corpus=SimpleNamespace(texts=tuple(texts + held_texts)))
+    model = build_model(spec.model, (), out_dim, corpus)
+    fresh = model.init(mx.random.key(spec.seed))
+    start = _narrow(meta, ways)
+    frozen = {k: v for k, v in fresh.items() if k not in start["params"]}
+    algorithm = make_algorithm(spec)
+    loss = CLASSIFICATION.loss
+
+    def loss_fn(params, x, y):
+        return loss(model({**frozen, **params}, x)[..., :ways], y)
+
+    support_x = mx.arange(len(texts))
+    support_y = mx.array(labels)
+    started = time.perf_counter()
+    trajectory = algorithm.adapt(start, loss_fn, support_x, support_y, steps)
+    adapted = trajectory[-1]
+    mx.eval(adapted)
+    seconds = time.perf_counter() - started
+
+    def accuracy(params, x, y) -> float:
+        logits = model({**frozen, **params}, x)[..., :ways]
+        return float(CLASSIFICATION.metric(logits, y))
+
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "adapted" / Path(data).stem
+    model.export(adapted, out)
+    (out / "labels.json").write_text(json.dumps(
+        {str(i): name for i, name in enumerate(names)}, indent=1) + "\n")
+    report: dict[str, Any] = {
+        "run_dir": str(run_dir), "init": source, "task": str(data), "labels": names,
+        "examples": len(texts), "steps": steps, "seconds": seconds, "adapter": str(out),
+        "support_loss": [float(loss_fn(start["params"], support_x, support_y)),
+                         float(loss_fn(adapted, support_x, support_y))],
+        "support_accuracy": [accuracy(start["params"], support_x, support_y),
+                             accuracy(adapted, support_x, support_y)],
+    }
+    if holdout is not None:
+        held_x = mx.arange(len(texts), len(texts) + len(held_texts))
+        held_y = mx.array(held_labels)
+        report["holdout"] = str(holdout)
+        report["holdout_accuracy"] = [accuracy(start["params"], held_x, held_y),
+                                      accuracy(adapted, held_x, held_y)]
+    return report
+
+
+def _narrow(meta: Meta, ways: int) -> Meta:
+    """The init with its head cut to the task's ``ways`` outputs (rows of head.w and
+    head.b, in every group of the meta-parameters, e.g. Meta-SGD's learning rates)."""
+    def cut(name: str, value: mx.array) -> mx.array:
+        return value[:ways] if is_head(name) else value
+
+    return {group: {k: cut(k, v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+            for group, tree in meta.items()}
+
+
+__all__ = ["AdaptError", "ConfigError", "adapt_task", "load_init", "read_examples"]
