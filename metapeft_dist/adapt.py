@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -146,6 +146,43 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
         report["holdout_accuracy"] = [accuracy(start["params"], held_x, held_y),
                                       accuracy(adapted, held_x, held_y)]
     return report
+
+
+def evaluate_init(run_dir: str | Path, family: str | None = None, data: str | None = None,
+                  overrides: Sequence[str] = (), on_progress=None) -> dict[str, Any]:
+    """The run's meta-learned init against its baselines on the meta-test tasks of
+    ``family`` (another text family: the cross-domain test), of ``data`` (a directory of
+    your JSONL tasks; its meta-test files), or of the run's own family. ``overrides``
+    (``eval.tasks=100``, ``eval.shots=[1,5]`` ...) apply to the run's spec. Returns a
+    results-shaped dict (``evaluation`` as in results.json)."""
+    from metapeft_dist.config import from_dict
+    from metapeft_dist.config.loader import _apply_override
+    from metapeft_dist.job import build_job
+    from metapeft_dist.runner import evaluate_job
+
+    if family is not None and data is not None:
+        raise AdaptError("give --family or --data, not both")
+    spec, meta, source = load_init(run_dir)
+    plain = spec.to_dict()
+    if family is not None or data is not None:
+        plain["family"] = {**plain["family"], "name": "jsonl" if data else family,
+                           "path": str(data) if data else None}
+    errors: list[tuple[str, str]] = []
+    for item in overrides:
+        _apply_override(plain, item, errors)
+    if errors:
+        raise ConfigError(errors)
+    target = from_dict(plain)
+    if target.family.ways != spec.family.ways:
+        raise AdaptError(f"the init has {spec.family.ways} outputs; family.ways must stay "
+                         f"{spec.family.ways}")
+    job = build_job(target)
+    progress = on_progress or (lambda *args: None)
+    started = time.perf_counter()
+    evaluation = evaluate_job(job, _narrow(meta, target.family.ways), progress)
+    return {"job": f"{spec.name} on {target.family.name}", "run_dir": str(run_dir),
+            "init": source, "spec": target.to_dict(), "evaluation": evaluation,
+            "meta_training": {}, "seconds": time.perf_counter() - started}
 
 
 def _narrow(meta: Meta, ways: int) -> Meta:

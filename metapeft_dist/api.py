@@ -88,6 +88,16 @@ def adapt(run_dir: str | Path, data: str | Path, out_dir: str | Path | None = No
     return adapt_task(run_dir, data, out_dir, steps, holdout)
 
 
+def evaluate(run_dir: str | Path, family: str | None = None, data: str | None = None,
+             overrides: Sequence[str] = (), on_progress=None) -> dict[str, Any]:
+    """Compare a finished text run's meta-learned init with its baselines on the
+    meta-test tasks of another text ``family`` (cross-domain), of a directory of JSONL
+    tasks (``data``), or of its own family; ``overrides`` like ``eval.tasks=100``."""
+    from metapeft_dist.adapt import evaluate_init
+
+    return evaluate_init(run_dir, family, data, overrides, on_progress)
+
+
 # --- a cluster's jobs (Ray's job server) ----------------------------------------------
 
 def jobs(address: str | None = None, token_file: str | None = None,

@@ -147,3 +147,29 @@ def test_bad_adapt_input_is_one_line(tmp_path, llama_run):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, (args, out.stderr)
         assert lines[0].startswith("error: ") and phrase in lines[0], (args, lines)
+
+
+def test_eval_compares_the_init_on_other_tasks(tmp_path, llama_run):
+    data = tmp_path / "other"
+    data.mkdir()
+    for i, pair in enumerate([("food", "weather"), ("sport", "food"), ("weather", "sport")]):
+        _write_task(data / f"t{i}.jsonl", pair)
+    out = _cli("eval", "--init", str(llama_run), "--data", str(data), "--set", "eval.tasks=3",
+               "--json")
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    assert results["spec"]["family"]["path"] == str(data)
+    inits = results["evaluation"]["shots"]["2"]["inits"]
+    assert set(inits) == {"meta", "random"}
+    assert all(len(v["mean"]) == 3 and 0 <= min(v["mean"]) <= max(v["mean"]) <= 1
+               for v in inits.values())
+    table = _cli("eval", "--init", str(llama_run), "--data", str(data), "--set",
+                 "eval.tasks=3", "-q")
+    assert table.returncode == 0 and "steps to target" in table.stdout
+    for args, phrase in [(["--family", "wordnet", "--data", str(data)], "not both"),
+                         (["--data", str(data), "--set", "family.ways=3"],
+                          "family.ways must stay 2"),
+                         (["--set", "eval.tasks=0"], "eval.tasks: must be >= 1")]:
+        bad = _cli("eval", "--init", str(llama_run), *args)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and phrase in lines[0], bad.stderr

@@ -154,7 +154,7 @@ def test_every_command_and_option_has_help_and_every_read_command_takes_json():
                 "--json" in getattr(param, "opts", ()) for param in command.params):
             without_json.append(name)
     expected = {"metapeft", *(f"metapeft {c}" for c in (
-        "run", "validate", "report", "adapt", "submit", "status", "logs", "stop", "list",
+        "run", "validate", "report", "adapt", "eval", "submit", "status", "logs", "stop", "list",
         "cluster",
         "cluster up", "cluster down", "cluster status"))}
     assert set(seen) == expected

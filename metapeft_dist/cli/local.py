@@ -203,3 +203,30 @@ def adapt(run_dir: str, data: str, holdout: str | None, steps: int | None,
         click.echo(f"  held-out accuracy {100 * before:.1f}% -> {100 * after:.1f}%")
     click.echo(f"  adapter: {report['adapter']}")
 
+
+@click.command(name="eval")
+@click.option("--init", "run_dir", required=True, type=click.Path(), metavar="RUN_DIR",
+              help="A finished text run whose meta-learned init to evaluate.")
+@click.option("--family", type=click.Choice(["wordnet", "fortunes"]),
+              help="Evaluate on this family's meta-test tasks (cross-domain); default: "
+                   "the run's own family.")
+@click.option("--data", type=click.Path(), metavar="DIR",
+              help="Evaluate on the meta-test files of a directory of JSONL tasks.")
+@overrides_option
+@click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def evaluate(run_dir: str, family: str | None, data: str | None, overrides: tuple[str, ...],
+             as_json: bool, quiet: bool) -> None:
+    """Compare a run's meta-learned init with the standard init (and head-only tuning)
+    on held-out tasks: accuracy after every adaptation step, with 95% CIs."""
+    from metapeft_dist import api
+    from metapeft_dist.adapt import AdaptError
+    from metapeft_dist.results import format_table
+
+    try:
+        results = api.evaluate(run_dir, family, data, overrides,
+                               _ProgressPrinter(quiet or as_json))
+    except (AdaptError, ConfigError) as err:
+        fail_usage(str(err).splitlines()[0])
+    click.echo(json.dumps(results, indent=1) if as_json else format_table(results))
+

@@ -141,7 +141,8 @@ def test_head_baseline_tunes_the_head_alone(tmp_path, cache):
      "model: {kind: encoder, train: lora, lora: {}}\neval: {baselines: [pretrained]}\n",
      "eval.baselines: pretrained does not apply to the encoder"),
     ("family: {name: digits}\nalgorithm: {name: fomaml}\n"
-     "model: {train: lora, lora: {layers: 1}}\n", "model.lora.layers: applies to kinds encoder and causal_lm"),
+     "model: {train: lora, lora: {layers: 1}}\n",
+     "model.lora.layers: applies to kinds encoder and causal_lm"),
     ("family: {name: wordnet}\nalgorithm: {name: fomaml}\n"
      "model: {kind: encoder, train: lora, lora: {targets: [query, attention]}}\n",
      "model.lora.targets"),
