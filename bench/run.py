@@ -17,6 +17,9 @@ Sections:
             latency and wire bytes per task
   metrics   tasks/s with metrics recorded, served and scraped vs metrics off (embedded
             Ray with 2 workers, and in-process), paired per round
+  text      LoRA inits for the MiniLM encoder meta-learned on WordNet supersenses and
+            fortune topics vs the standard LoRA init and head-only tuning, cross-domain,
+            amortized cost, peak memory per algorithm (bench/text_bench.py; hours)
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from metapeft_dist.config import load_spec  # noqa: E402
 from metapeft_dist.job import build_job  # noqa: E402
 from metapeft_dist.runner import meta_train, run_job  # noqa: E402
 from metapeft_dist.trainer import MetaTrainer  # noqa: E402
+from text_bench import bench_text  # noqa: E402  (bench/, the script's directory)
 
 OUT = ROOT / ".bench"
 REFERENCE_ITERATIONS_PER_SECOND = 42.0  # the PyTorch library on this setup (issue text)
@@ -360,7 +364,8 @@ def mx_key(seed: int):
 
 SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
             "digits": bench_digits, "gaussian": bench_gaussian,
-            "distributed": bench_distributed, "metrics": bench_metrics}
+            "distributed": bench_distributed, "metrics": bench_metrics,
+            "text": lambda: bench_text(_run, ROOT)}
 
 
 def main(argv: list[str]) -> None:
