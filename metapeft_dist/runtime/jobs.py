@@ -26,6 +26,7 @@ from metapeft_dist.config import JobSpec
 from metapeft_dist.remote import JobServer, check_job_id
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_SECONDS = 60.0  # how long submit waits for a starting head's job agent
 REMOTE_RUNS = "~/metapeft/runs"  # on the head node, when --run-dir is not given
 _META = "metapeft_"  # prefix of the job metadata keys this module writes
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)(:|$)")
@@ -60,13 +61,26 @@ class ClusterJobs:
         with tempfile.TemporaryDirectory(prefix="metapeft-submit-") as working_dir:
             (Path(working_dir) / "spec.yaml").write_text(
                 yaml.safe_dump(spec.to_dict(), sort_keys=False))
-            self._call(lambda: self.client.submit_job(
-                entrypoint=entrypoint(where),
-                submission_id=job_id,
-                runtime_env={"working_dir": working_dir},
-                metadata={f"{_META}name": spec.name, f"{_META}algorithm": spec.algorithm.name,
-                          f"{_META}run_dir": where}),
-                job_id=job_id)
+
+            def send():
+                return self.client.submit_job(
+                    entrypoint=entrypoint(where), submission_id=job_id,
+                    runtime_env={"working_dir": working_dir},
+                    metadata={f"{_META}name": spec.name,
+                              f"{_META}algorithm": spec.algorithm.name,
+                              f"{_META}run_dir": where})
+
+            # A head that has just started answers "No available agent to submit job,
+            # please try again later" until its job agent is up: do as it says.
+            deadline = time.monotonic() + AGENT_WAIT_SECONDS
+            while True:
+                try:
+                    self._call(send, job_id=job_id)
+                    break
+                except JobsError as err:
+                    if "No available agent" not in str(err) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
         return self.info(job_id)
 
     def info(self, job_id: str) -> dict[str, Any]:

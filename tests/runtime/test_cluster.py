@@ -302,7 +302,9 @@ metrics: {{enabled: false}}
     assert spec.eval.baselines == ("random",)  # no head: labels are the letters A, B
     results = run_job(spec, tmp_path / "run")
     runtime = results["runtime"]
-    assert runtime["workers"] == 3 and len(runtime["nodes"]) == 3
+    # One worker per node; on a loaded machine a worker may still be starting when the
+    # 12 chunks are done, so which nodes took chunks varies: every chunk counts once.
+    assert runtime["workers"] == 3 and 1 <= len(runtime["nodes"]) <= 3
     assert runtime["tasks_completed"] == 4 * 3
     assert runtime["parameter_server"]["accepted"] == 4 * 3
     final = load_checkpoint(results["meta_training"]["checkpoint"])

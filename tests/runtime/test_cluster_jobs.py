@@ -116,7 +116,7 @@ def head(tmp_path_factory):
 def _wait_ready(url: str, token: str, proc: subprocess.Popen, log: Path) -> None:
     import requests
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
@@ -127,7 +127,13 @@ def _wait_ready(url: str, token: str, proc: subprocess.Popen, log: Path) -> None
                                  headers={"Authorization": f"Bearer {token}"})
             if reply.status_code == 200 and nodes.status_code == 200 and \
                     nodes.json()["data"]["result"]["result"]:
-                return
+                # The job agent comes up last (later still on a loaded machine): ready
+                # once it takes a job.
+                probe = requests.post(f"{url}/api/jobs/", timeout=30,
+                                      json={"entrypoint": "true"},
+                                      headers={"Authorization": f"Bearer {token}"})
+                if probe.status_code == 200:
+                    return
         except requests.RequestException:
             pass
         time.sleep(0.5)
