@@ -80,11 +80,15 @@ def read_examples(file: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
 
 
 def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None = None,
-               steps: int | None = None, holdout: str | Path | None = None
-               ) -> dict[str, Any]:
+               steps: int | None = None, holdout: str | Path | None = None,
+               start_from: str = "meta") -> dict[str, Any]:
     """Adapt the run's init to the task in ``data`` for ``steps`` steps (default: the
     run's ``eval.steps``), write the adapter to ``out_dir`` (default
-    ``RUN_DIR/adapted/<task file stem>``) and return what happened."""
+    ``RUN_DIR/adapted/<task file stem>``) and return what happened. ``start_from``:
+    the run's meta-learned init (``meta``), the standard LoRA init of its model
+    (``standard``: A random, B zero, fresh head) or its fresh head alone (``head``)."""
+    if start_from not in ("meta", "standard", "head"):
+        raise AdaptError(f"start_from must be meta, standard or head, got {start_from!r}")
     spec, meta, source = load_init(run_dir)
     texts, labels, names = read_examples(data)
     held_texts, held_labels = [], np.zeros(0, dtype=np.int32)
@@ -107,9 +111,19 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
     corpus = SimpleNamespace(corpus=SimpleNamespace(texts=tuple(texts + held_texts)))
     model = build_model(spec.model, (), out_dim, corpus)
     fresh = model.init(mx.random.key(spec.seed))
-    start = _narrow(meta, ways)
-    frozen = {k: v for k, v in fresh.items() if k not in start["params"]}
     algorithm = make_algorithm(spec)
+    if start_from == "meta":
+        start = _narrow(meta, ways)
+    else:  # as Job.baseline builds them: the same key, so the same start as evaluation's
+        standard = model.init(mx.random.key(spec.seed + 1))
+        keep = (is_head if start_from == "head"
+                else lambda k: k in meta["params"])  # the trainable names of the run
+        start = _narrow(algorithm.init_meta({k: v for k, v in standard.items() if keep(k)}),
+                        ways)
+        fresh = {**fresh, **{k: v for k, v in standard.items() if not keep(k)
+                             and not k.startswith("inputs.")}}
+        source = f"{start_from} init of {run_dir}'s model"
+    frozen = {k: v for k, v in fresh.items() if k not in start["params"]}
     loss = CLASSIFICATION.loss
 
     def loss_fn(params, x, y):
@@ -132,7 +146,8 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
     (out / "labels.json").write_text(json.dumps(
         {str(i): name for i, name in enumerate(names)}, indent=1) + "\n")
     report: dict[str, Any] = {
-        "run_dir": str(run_dir), "init": source, "task": str(data), "labels": names,
+        "run_dir": str(run_dir), "init": source, "start_from": start_from,
+        "task": str(data), "labels": names,
         "examples": len(texts), "steps": steps, "seconds": seconds, "adapter": str(out),
         "support_loss": [float(loss_fn(start["params"], support_x, support_y)),
                          float(loss_fn(adapted, support_x, support_y))],
@@ -145,6 +160,115 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
         report["holdout"] = str(holdout)
         report["holdout_accuracy"] = [accuracy(start["params"], held_x, held_y),
                                       accuracy(adapted, held_x, held_y)]
+    return report
+
+
+# --- task embeddings and --init auto ---------------------------------------------------
+
+CENTROID_TASKS = 8  # meta-train tasks averaged into a run's centroid; as many val tasks
+RADIUS_QUANTILE = 90  # percentile of the held-out tasks' distances that bounds the run
+
+
+def embed_file(data: str | Path, model_spec=None, kind: str = "task2vec",
+               learned: str | Path | None = None) -> dict[str, Any]:
+    """The embedding of the task in a JSONL file (all its lines are the support set),
+    through the encoder ``model_spec`` names (default: all-MiniLM-L6-v2, top layer)."""
+    from metapeft_dist.config import from_dict
+    from metapeft_dist.embed import TaskSample, make_embedder, text_probe
+
+    texts, labels, names = read_examples(data)
+    if model_spec is None:
+        model_spec = from_dict({"family": {"name": "wordnet"}, "algorithm": {"name": "fomaml"},
+                                "model": {"kind": "encoder", "train": "lora",
+                                          "lora": {"layers": 1}}}).model
+    probe = text_probe(model_spec, texts)
+    embedder = make_embedder(kind, probe, learned)
+    sample = TaskSample(np.arange(len(texts), dtype=np.int32), labels, tuple(texts))
+    vector = embedder.embed_one(sample)
+    return {"task": str(data), "kind": kind, "probe": probe.name, "labels": names,
+            "examples": len(texts), "dim": int(vector.shape[0]),
+            "embedding": [float(v) for v in vector]}
+
+
+def run_centroid(run_dir: str | Path, kind: str = "task2vec"):
+    """Where a text run's tasks lie (:class:`metapeft_dist.selection.Centroid`), cached
+    in ``RUN_DIR/task-embedding-<kind>.json``: the mean embedding of its first
+    ``CENTROID_TASKS`` meta-train tasks and the ``RADIUS_QUANTILE``th percentile of its
+    meta-validation tasks' distances to it."""
+    from metapeft_dist.embed import distance, family_samples, make_embedder, probe_from_job
+    from metapeft_dist.job import build_job
+    from metapeft_dist.selection import Centroid
+
+    run_dir = Path(run_dir)
+    spec, _, _ = load_init(run_dir)
+    cache = run_dir / f"task-embedding-{kind}.json"
+    try:
+        saved = json.loads(cache.read_text())
+        return Centroid(str(run_dir), saved["kind"], saved["probe"],
+                        np.asarray(saved["vector"]), float(saved["radius"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: computed again below
+    job = build_job(spec)
+    probe = probe_from_job(job)
+    embedder = make_embedder(kind, probe)
+    train = embedder.embed(family_samples(job, "train", 0, CENTROID_TASKS))
+    held = embedder.embed(family_samples(job, "val", 0, CENTROID_TASKS))
+    vector = train.mean(axis=0)
+    radius = float(np.percentile([distance(v, vector) for v in held], RADIUS_QUANTILE))
+    centroid = Centroid(str(run_dir), kind, probe.name, vector, radius)
+    cache.write_text(json.dumps(centroid.to_dict()) + "\n")
+    return centroid
+
+
+def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
+               out_dir: str | Path | None = None, steps: int | None = None,
+               holdout: str | Path | None = None, outcomes: str | Path | None = None,
+               kind: str = "task2vec") -> dict[str, Any]:
+    """``metapeft adapt --init auto``: embed the task, choose among the candidate runs'
+    meta-learned inits, their standard LoRA init and head-only tuning (by recorded
+    outcomes when ``outcomes`` holds enough for this embedding, else by similarity),
+    adapt from the choice, and say what was chosen and why. With ``holdout`` and
+    ``outcomes`` the result is recorded, so later choices learn from it."""
+    from metapeft_dist.selection import (MIN_RECORDS, Choice, Outcome, OutcomePredictor,
+                                         OutcomeStore, SelectionError, choose_by_similarity)
+
+    if not candidates:
+        raise AdaptError("--init auto needs candidate runs (--candidate RUN_DIR)")
+    specs = {str(c): load_init(c)[0] for c in candidates}
+    if any(s.model.kind != "encoder" for s in specs.values()):
+        raise AdaptError("--init auto chooses among encoder runs (task embeddings need a "
+                         "classification head)")
+    first = next(iter(specs.values()))
+    task = embed_file(data, first.model, kind)
+    embedding = np.asarray(task["embedding"])
+    centroids = [run_centroid(c, kind) for c in candidates]
+    if len({c.probe for c in centroids} | {task["probe"]}) > 1:
+        raise AdaptError("the candidate runs use different encoders or layers; --init auto "
+                         "compares tasks through one")
+    store = OutcomeStore(outcomes) if outcomes else None
+    choices = {Choice(str(c), "meta").key: Choice(str(c), "meta") for c in candidates}
+    choices.update({i: Choice(str(candidates[0]), i) for i in ("standard", "head")})
+    try:
+        predictor = OutcomePredictor(store.read(kind, task["probe"]) if store else [])
+        if predictor.tasks >= MIN_RECORDS:
+            key, why, predictions = predictor.choose(embedding, list(choices))
+            choice, method, detail = choices[key], "outcomes", predictions
+        else:
+            choice, why, detail = choose_by_similarity(embedding, centroids)
+            method = "similarity"
+            if store is not None:
+                why += f" ({predictor.tasks} recorded tasks; the predictor needs {MIN_RECORDS})"
+    except SelectionError as err:
+        raise AdaptError(str(err)) from None
+    report = adapt_task(choice.run_dir, data, out_dir, steps, holdout, choice.init)
+    report["selection"] = {"method": method, "chosen": choice.key, "run_dir": choice.run_dir,
+                           "init": choice.init, "why": why, "kind": kind,
+                           "detail": detail if method == "similarity" else
+                           {k: v["accuracy"] for k, v in detail.items()}}
+    if store is not None and holdout is not None:
+        store.append([Outcome(str(data), choice.key, report["holdout_accuracy"][1], embedding,
+                              kind, task["probe"], int(report["examples"]), report["steps"])])
+        report["selection"]["recorded"] = str(store.path)
     return report
 
 

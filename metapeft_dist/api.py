@@ -88,6 +88,31 @@ def adapt(run_dir: str | Path, data: str | Path, out_dir: str | Path | None = No
     return adapt_task(run_dir, data, out_dir, steps, holdout)
 
 
+def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
+               out_dir: str | Path | None = None, steps: int | None = None,
+               holdout: str | Path | None = None, outcomes: str | Path | None = None,
+               kind: str = "task2vec") -> dict[str, Any]:
+    """Adapt the task in ``data`` from the configuration its embedding points to: one
+    of the ``candidates`` runs' meta-learned inits, their standard LoRA init, or the
+    head alone (by recorded ``outcomes`` if enough, else by similarity to each run's
+    tasks); the report's ``selection`` says which and why. With ``holdout`` the outcome
+    is recorded in ``outcomes``."""
+    from metapeft_dist.adapt import adapt_auto as auto
+
+    return auto(candidates, data, out_dir, steps, holdout, outcomes, kind)
+
+
+def embed(data: str | Path, run_dir: str | Path | None = None, kind: str = "task2vec",
+          learned: str | Path | None = None) -> dict[str, Any]:
+    """The task embedding of a JSONL task file (its lines are the support set), through
+    the encoder of ``run_dir``'s spec (default: all-MiniLM-L6-v2's top layer);
+    ``learned`` is the trained network the ``learned`` kind needs."""
+    from metapeft_dist.adapt import embed_file, load_init
+
+    spec = load_init(run_dir)[0].model if run_dir is not None else None
+    return embed_file(data, spec, kind, learned)
+
+
 def evaluate(run_dir: str | Path, family: str | None = None, data: str | None = None,
              overrides: Sequence[str] = (), on_progress=None) -> dict[str, Any]:
     """Compare a finished text run's meta-learned init with its baselines on the

@@ -154,8 +154,8 @@ def test_every_command_and_option_has_help_and_every_read_command_takes_json():
                 "--json" in getattr(param, "opts", ()) for param in command.params):
             without_json.append(name)
     expected = {"metapeft", *(f"metapeft {c}" for c in (
-        "run", "validate", "report", "adapt", "eval", "submit", "status", "logs", "stop", "list",
-        "cluster",
+        "run", "validate", "report", "adapt", "eval", "embed", "submit", "status", "logs", "stop",
+        "list", "cluster",
         "cluster up", "cluster down", "cluster status"))}
     assert set(seen) == expected
     assert not missing, missing

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from metapeft_dist.cli.cluster import cluster, list_jobs, logs, status, stop, submit
-from metapeft_dist.cli.local import adapt, evaluate, report, run, validate
+from metapeft_dist.cli.local import adapt, embed, evaluate, report, run, validate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,8 +19,8 @@ def main() -> None:
     """Meta-learn LoRA initializations over task distributions, with MLX."""
 
 
-for _command in (run, validate, report, adapt, evaluate, submit, status, logs, stop, list_jobs,
-                 cluster):
+for _command in (run, validate, report, adapt, evaluate, embed, submit, status, logs, stop,
+                 list_jobs, cluster):
     main.add_command(_command)
 
 __all__ = ["main"]

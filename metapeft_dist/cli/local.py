@@ -167,33 +167,62 @@ def report(run_dir: str, out_dir: str | None, as_json: bool) -> None:
         click.echo(f"skipped {name}: {reason}", err=True)
 
 
+def _default_outcomes() -> str:
+    import os
+
+    return os.environ.get("METAPEFT_OUTCOMES", "~/.metapeft/outcomes.jsonl")
+
+
 @click.command()
-@click.option("--init", "run_dir", required=True, type=click.Path(), metavar="RUN_DIR",
+@click.option("--init", "run_dir", required=True, metavar="RUN_DIR|auto",
               help="A finished text run (model.kind encoder or causal_lm) whose "
-                   "meta-learned init to start from.")
+                   "meta-learned init to start from; or auto: choose among the "
+                   "--candidate runs' inits, their standard LoRA init and head-only tuning "
+                   "from the task's embedding.")
+@click.option("--candidate", "candidates", multiple=True, type=click.Path(),
+              metavar="RUN_DIR", help="With --init auto: an encoder run to choose from "
+                                      "(repeat for several).")
 @click.option("--data", required=True, type=click.Path(), metavar="TASK.jsonl",
               help='The new task\'s few labelled examples, lines {"text": ..., "label": ...}.')
 @click.option("--holdout", type=click.Path(), metavar="HELDOUT.jsonl",
               help="Held-out examples of the same task: report accuracy on them before "
-                   "and after.")
+                   "and after (with --init auto, also recorded in --outcomes).")
 @click.option("--steps", type=int, help="Adaptation steps (default: the run's eval.steps).")
 @click.option("--out", "out_dir", type=click.Path(), help="Write the adapter here "
               "(default: RUN_DIR/adapted/<task file name>).")
+@click.option("--outcomes", type=click.Path(), default=_default_outcomes,
+              show_default="$METAPEFT_OUTCOMES or ~/.metapeft/outcomes.jsonl",
+              help="With --init auto: recorded adaptation outcomes to predict from, and "
+                   "where this one is recorded.")
+@click.option("--embedding", "kind", type=click.Choice(["task2vec", "handcrafted"]),
+              default="task2vec", show_default=True,
+              help="With --init auto: the task embedding to compare tasks by.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def adapt(run_dir: str, data: str, holdout: str | None, steps: int | None,
-          out_dir: str | None, as_json: bool) -> None:
-    """Fine-tune a new task from a few examples, starting from a run's meta-learned init,
-    and write its adapter (mlx-lm's format for a causal LM)."""
+def adapt(run_dir: str, candidates: tuple[str, ...], data: str, holdout: str | None,
+          steps: int | None, out_dir: str | None, outcomes: str, kind: str,
+          as_json: bool) -> None:
+    """Fine-tune a new task from a few examples, starting from a run's meta-learned init
+    (or the configuration --init auto chooses), and write its adapter (mlx-lm's format
+    for a causal LM)."""
     from metapeft_dist import api
     from metapeft_dist.adapt import AdaptError
+    from metapeft_dist.embed import ProbeError
 
+    if run_dir != "auto" and candidates:
+        fail_usage("--candidate goes with --init auto")
     try:
-        report = api.adapt(run_dir, data, out_dir, steps, holdout)
-    except (AdaptError, ConfigError) as err:
+        if run_dir == "auto":
+            report = api.adapt_auto(candidates, data, out_dir, steps, holdout, outcomes, kind)
+        else:
+            report = api.adapt(run_dir, data, out_dir, steps, holdout)
+    except (AdaptError, ConfigError, ProbeError) as err:
         fail_usage(str(err).splitlines()[0])
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
+    if "selection" in report:
+        chosen = report["selection"]
+        click.echo(f"chose {chosen['chosen']} by {chosen['method']}: {chosen['why']}")
     before, after = report["support_accuracy"]
     click.echo(f"{report['task']}: {len(report['labels'])} labels, {report['examples']} "
                f"examples, {report['steps']} steps in {report['seconds']:.2f} s")
@@ -202,6 +231,45 @@ def adapt(run_dir: str, data: str, holdout: str | None, steps: int | None,
         before, after = report["holdout_accuracy"]
         click.echo(f"  held-out accuracy {100 * before:.1f}% -> {100 * after:.1f}%")
     click.echo(f"  adapter: {report['adapter']}")
+
+
+@click.command()
+@click.option("--data", required=True, type=click.Path(), metavar="TASK.jsonl",
+              help='The task\'s labelled examples, lines {"text": ..., "label": ...}.')
+@click.option("--init", "run_dir", type=click.Path(), metavar="RUN_DIR",
+              help="Read the task through this encoder run's model (default: "
+                   "all-MiniLM-L6-v2, top layer, 32 tokens).")
+@click.option("--kind", type=click.Choice(["task2vec", "handcrafted", "learned"]),
+              default="task2vec", show_default=True, help="Which task embedding.")
+@click.option("--learned", type=click.Path(), metavar="FILE",
+              help="The trained embedding network the learned kind reads with.")
+@click.option("--out", type=click.Path(), metavar="FILE",
+              help="Store the embedding here as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the embedding as JSON.")
+def embed(data: str, run_dir: str | None, kind: str, learned: str | None, out: str | None,
+          as_json: bool) -> None:
+    """Embed a task (a JSONL file of labelled examples) as a vector: Task2Vec, handcrafted
+    features or the learned embedding."""
+    from pathlib import Path
+
+    from metapeft_dist import api
+    from metapeft_dist.adapt import AdaptError
+    from metapeft_dist.embed import ProbeError
+
+    try:
+        result = api.embed(data, run_dir, kind, learned)
+    except (AdaptError, ConfigError, ProbeError, ValueError) as err:
+        fail_usage(str(err).splitlines()[0])
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result) + "\n")
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    head = ", ".join(f"{v:.4g}" for v in result["embedding"][:6])
+    click.echo(f"{result['task']}: {result['kind']} embedding of {result['examples']} "
+               f"examples, {len(result['labels'])} labels: {result['dim']} numbers "
+               f"[{head}, ...]" + (f"; written to {out}" if out else ""))
 
 
 @click.command(name="eval")

@@ -1,0 +1,141 @@
+"""Choosing how to adapt a task from its embedding: the outcome predictor and the
+similarity rule with known answers, the outcome store, and `metapeft embed` /
+`metapeft adapt --init auto` on a real encoder run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_adapt import _cli, _run, _write_task
+
+from metapeft_dist.selection import (Centroid, Choice, Outcome, OutcomePredictor,
+                                     OutcomeStore, SelectionError, choose_by_similarity,
+                                     global_best)
+
+
+def _outcome(task, config, accuracy, vector):
+    return Outcome(task, config, accuracy, np.asarray(vector, dtype=float), "task2vec", "p",
+                   5, 10)
+
+
+def test_predictor_follows_the_nearest_recorded_tasks():
+    # Tasks near (1, 0) adapt best with "a", tasks near (0, 1) with "b".
+    records = []
+    for i in range(10):
+        near_a, near_b = [1.0, 0.05 * i], [0.05 * i, 1.0]
+        records += [_outcome(f"a{i}", "a", 0.9, near_a), _outcome(f"a{i}", "b", 0.5, near_a),
+                    _outcome(f"b{i}", "a", 0.4, near_b), _outcome(f"b{i}", "b", 0.8, near_b)]
+    predictor = OutcomePredictor(records, neighbours=5)
+    assert predictor.tasks == 20
+    pick, why, predictions = predictor.choose(np.array([1.0, 0.1]))
+    assert pick == "a" and predictions["a"]["accuracy"] == pytest.approx(0.9)
+    assert predictions["b"]["accuracy"] == pytest.approx(0.5)
+    assert "5 nearest of 20 recorded tasks" in why and why.index("a 90.0%") < why.index("b")
+    assert predictor.choose(np.array([0.1, 1.0]))[0] == "b"
+    assert predictor.choose(np.array([1.0, 0.1]), allowed=["b"])[0] == "b"
+    with pytest.raises(SelectionError, match="no recorded outcomes"):
+        predictor.choose(np.array([1.0, 0.0]), allowed=["c"])
+    # Means: a (0.9 + 0.4) / 2 = 0.65, b (0.5 + 0.8) / 2 = 0.65 + 0.0; add one to break it.
+    assert global_best(records + [_outcome("x", "b", 1.0, [1, 1])]) == "b"
+
+
+def test_similarity_picks_the_nearest_run_within_its_radius():
+    centroids = [Centroid("/runs/wordnet", "task2vec", "p", np.array([1.0, 0.2, 0.2]), 0.1),
+                 Centroid("/runs/fortunes", "task2vec", "p", np.array([0.2, 1.0, 0.2]), 0.1)]
+    choice, why, dists = choose_by_similarity(np.array([1.0, 0.25, 0.2]), centroids)
+    assert choice == Choice("/runs/wordnet", "meta") and "nearest run wordnet" in why
+    assert dists["/runs/wordnet"] < dists["/runs/fortunes"]
+    far, why, _ = choose_by_similarity(np.array([0.2, 0.2, 1.0]), centroids)
+    assert far == Choice("/runs/wordnet", "standard") and "beyond its radius" in why
+    assert Choice("/runs/wordnet", "meta").key == "meta:wordnet"
+    assert Choice("/runs/wordnet", "head").key == "head"
+
+
+def test_outcome_store_appends_and_names_a_bad_line(tmp_path):
+    store = OutcomeStore(tmp_path / "sub" / "outcomes.jsonl")
+    assert store.read() == []
+    store.append([_outcome("t1", "a", 0.5, [0.1, 0.2])])
+    store.append([_outcome("t2", "b", 0.7, [0.3, 0.4])])
+    rows = store.read()
+    assert [(o.task, o.config, o.accuracy) for o in rows] == [("t1", "a", 0.5), ("t2", "b", 0.7)]
+    np.testing.assert_allclose(rows[1].embedding, [0.3, 0.4])
+    assert store.read(kind="handcrafted") == []
+    with open(store.path, "a") as f:
+        f.write('{"task": "t3"}\n')
+    before = store.path.read_text()
+    with pytest.raises(SelectionError, match=r"outcomes.jsonl:3: not an outcome record"):
+        store.read()
+    assert store.path.read_text() == before  # nothing lost
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoder_run")
+    return _run(root, "{kind: encoder, train: lora, max_len: 16, lora: {rank: 2, layers: 1}}")
+
+
+def test_embed_a_task_file(tmp_path, encoder_run):
+    task = _write_task(tmp_path / "task.jsonl", ("food", "sport"))
+    out = _cli("embed", "--data", str(task), "--init", str(encoder_run), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    # Task2Vec of MiniLM's top layer: one number per output unit of its 16 weights
+    assert result["dim"] == len(result["embedding"]) == 8448
+    assert result["labels"] == ["food", "sport"] and result["examples"] == 12
+    assert min(result["embedding"]) >= 0 and ":16:5" in result["probe"]
+    hand = _cli("embed", "--data", str(task), "--init", str(encoder_run), "--kind",
+                "handcrafted", "--out", str(tmp_path / "e.json"))
+    assert hand.returncode == 0 and "18 numbers" in hand.stdout
+    assert len(json.loads((tmp_path / "e.json").read_text())["embedding"]) == 18
+
+
+def test_adapt_auto_chooses_and_says_why(tmp_path, encoder_run):
+    task = _write_task(tmp_path / "task.jsonl", ("food", "sport"), slice(0, 3))
+    held = _write_task(tmp_path / "held.jsonl", ("food", "sport"), slice(3, 6))
+    outcomes = tmp_path / "outcomes.jsonl"
+    args = ["adapt", "--init", "auto", "--candidate", str(encoder_run), "--data", str(task),
+            "--holdout", str(held), "--steps", "3", "--outcomes", str(outcomes),
+            "--out", str(tmp_path / "adapter"), "--json"]
+    out = _cli(*args)
+    assert out.returncode == 0, out.stderr
+    selection = json.loads(out.stdout)["selection"]
+    assert selection["method"] == "similarity"
+    assert selection["chosen"] in ("meta:run", "standard") and "radius" in selection["why"]
+    assert (encoder_run / "task-embedding-task2vec.json").is_file()  # the run's centroid
+    recorded = OutcomeStore(outcomes).read()
+    assert len(recorded) == 1 and recorded[0].config == selection["chosen"]
+
+    # Enough recorded outcomes near this task that say head-only tuning adapts it best:
+    # the predictor follows them.
+    vector = recorded[0].embedding
+    rng = np.random.default_rng(0)
+    OutcomeStore(outcomes).append(
+        Outcome(f"past{i}", config, acc, vector * rng.uniform(0.9, 1.1, vector.shape),
+                "task2vec", recorded[0].probe, 6, 3)
+        for i in range(20)
+        for config, acc in (("head", 0.9), ("standard", 0.6), ("meta:run", 0.5)))
+    out = _cli(*args)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["selection"]["method"] == "outcomes" and report["selection"]["chosen"] == "head"
+    assert report["start_from"] == "head" and "recorded tasks" in report["selection"]["why"]
+    text = _cli(*args[:-1])
+    assert text.returncode == 0 and text.stdout.startswith("chose head by outcomes: predicted")
+
+    with open(outcomes, "a") as f:
+        f.write("not json\n")
+    bad_cases = [
+        (args[:-1], "outcomes.jsonl:64: not an outcome record"),
+        (["adapt", "--init", "auto", "--data", str(task)], "needs candidate runs"),
+        (["adapt", "--init", str(encoder_run), "--candidate", str(encoder_run), "--data",
+          str(task)], "--candidate goes with --init auto"),
+        (["embed", "--data", str(tmp_path / "none.jsonl")], "task file not found"),
+        (["embed", "--data", str(task), "--kind", "learned"], "needs its trained network"),
+    ]
+    for bad, phrase in bad_cases:
+        result = _cli(*bad)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (bad, result.stderr)
+        assert phrase in lines[0], (bad, lines)
