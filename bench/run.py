@@ -20,6 +20,8 @@ Sections:
   text      LoRA inits for the MiniLM encoder meta-learned on WordNet supersenses and
             fortune topics vs the standard LoRA init and head-only tuning, cross-domain,
             amortized cost, peak memory per algorithm (bench/text_bench.py; hours)
+  select    RQ2 on the text runs: the outcome predictor's pick vs the single best
+            configuration and the similarity rule (bench/select_bench.py; ~1 hour)
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from metapeft_dist.config import load_spec  # noqa: E402
 from metapeft_dist.job import build_job  # noqa: E402
 from metapeft_dist.runner import meta_train, run_job  # noqa: E402
 from metapeft_dist.trainer import MetaTrainer  # noqa: E402
-from text_bench import bench_text  # noqa: E402  (bench/, the script's directory)
+from select_bench import bench_select  # noqa: E402  (bench/, the script's directory)
+from text_bench import bench_text  # noqa: E402
 
 OUT = ROOT / ".bench"
 REFERENCE_ITERATIONS_PER_SECOND = 42.0  # the PyTorch library on this setup (issue text)
@@ -362,10 +365,32 @@ def mx_key(seed: int):
     return mx.random.key(seed)
 
 
+_TEXT_RUNS: dict[str, str] = {}
+
+
+def bench_text_section() -> dict:
+    out = bench_text(_run, ROOT)
+    _TEXT_RUNS.update({k: v["run_dir"] for k, v in out.items()
+                       if isinstance(v, dict) and "run_dir" in v})
+    return out
+
+
+def bench_select_section() -> dict:
+    """RQ2 on the text section's WordNet and fortunes runs (run `text` first, or name
+    finished runs in BENCH_WORDNET_RUN and BENCH_FORTUNES_RUN)."""
+    wordnet = os.environ.get("BENCH_WORDNET_RUN") or _TEXT_RUNS.get("wordnet-fomaml")
+    fortunes = os.environ.get("BENCH_FORTUNES_RUN") or _TEXT_RUNS.get("fortunes-fomaml")
+    if not (wordnet and fortunes):
+        print("  skipped: needs the text section's runs, or BENCH_WORDNET_RUN and "
+              "BENCH_FORTUNES_RUN", flush=True)
+        return {"skipped": "no text runs"}
+    return bench_select(wordnet, fortunes)
+
+
 SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
             "digits": bench_digits, "gaussian": bench_gaussian,
             "distributed": bench_distributed, "metrics": bench_metrics,
-            "text": lambda: bench_text(_run, ROOT)}
+            "text": bench_text_section, "select": bench_select_section}
 
 
 def main(argv: list[str]) -> None:
