@@ -13,6 +13,7 @@ answers with the letter of that index).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -173,14 +174,10 @@ def embed_file(data: str | Path, model_spec=None, kind: str = "task2vec",
                learned: str | Path | None = None) -> dict[str, Any]:
     """The embedding of the task in a JSONL file (all its lines are the support set),
     through the encoder ``model_spec`` names (default: all-MiniLM-L6-v2, top layer)."""
-    from metapeft_dist.config import from_dict
     from metapeft_dist.embed import TaskSample, make_embedder, text_probe
 
     texts, labels, names = read_examples(data)
-    if model_spec is None:
-        model_spec = from_dict({"family": {"name": "wordnet"}, "algorithm": {"name": "fomaml"},
-                                "model": {"kind": "encoder", "train": "lora",
-                                          "lora": {"layers": 1}}}).model
+    model_spec = model_spec or _default_encoder()
     probe = text_probe(model_spec, texts)
     embedder = make_embedder(kind, probe, learned)
     sample = TaskSample(np.arange(len(texts), dtype=np.int32), labels, tuple(texts))
@@ -188,6 +185,41 @@ def embed_file(data: str | Path, model_spec=None, kind: str = "task2vec",
     return {"task": str(data), "kind": kind, "probe": probe.name, "labels": names,
             "examples": len(texts), "dim": int(vector.shape[0]),
             "embedding": [float(v) for v in vector]}
+
+
+def _default_encoder():
+    from metapeft_dist.config import from_dict
+
+    return from_dict({"family": {"name": "wordnet"}, "algorithm": {"name": "fomaml"},
+                      "model": {"kind": "encoder", "train": "lora", "lora": {"layers": 1}}}).model
+
+
+def fit_learned_embedding(out: str | Path, families: Sequence[str] = ("wordnet", "fortunes"),
+                          model_spec=None, steps: int = 400, ways: int = 5, shots: int = 5,
+                          on_progress=None) -> dict[str, Any]:
+    """Train the learned task embedding (embed/learned.py) on the meta-train categories
+    of the shipped text ``families``, read through the encoder ``model_spec`` names
+    (default: all-MiniLM-L6-v2, top layer), and save it to ``out``."""
+    from metapeft_dist.config import from_dict
+    from metapeft_dist.config.schema import to_plain
+    from metapeft_dist.embed import learned, probe_from_job
+    from metapeft_dist.job import build_job
+
+    model_spec = model_spec or _default_encoder()
+    sources, probe = [], None
+    for name in families:
+        spec = from_dict({"family": {"name": name, "ways": ways}, "algorithm": {"name": "fomaml"},
+                          "model": to_plain(dataclasses.asdict(model_spec))})
+        job = build_job(spec)
+        probe = probe_from_job(job)
+        family = job.family
+        sources.append(learned.class_features(probe, [family.members[c]
+                                                      for c in family.splits["train"]]))
+    embedder, losses = learned.fit(probe, sources, ways, shots, names=list(families),
+                                   steps=steps, on_progress=on_progress)
+    path = embedder.save(out)
+    return {"file": str(path), "families": list(families), "steps": steps,
+            "loss": [losses[0], losses[-1]], "dim": embedder.dim, "probe": probe.name}
 
 
 def run_centroid(run_dir: str | Path, kind: str = "task2vec"):

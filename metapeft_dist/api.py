@@ -113,6 +113,17 @@ def embed(data: str | Path, run_dir: str | Path | None = None, kind: str = "task
     return embed_file(data, spec, kind, learned)
 
 
+def fit_embedding(out: str | Path, families: Sequence[str] = ("wordnet", "fortunes"),
+                  run_dir: str | Path | None = None, steps: int = 400) -> dict[str, Any]:
+    """Train the learned task embedding on the meta-train categories of the shipped text
+    ``families`` (through ``run_dir``'s encoder, default all-MiniLM-L6-v2's top layer)
+    and save it to ``out`` (for ``embed(..., kind="learned", learned=out)``)."""
+    from metapeft_dist.adapt import fit_learned_embedding, load_init
+
+    spec = load_init(run_dir)[0].model if run_dir is not None else None
+    return fit_learned_embedding(out, families, spec, steps)
+
+
 def evaluate(run_dir: str | Path, family: str | None = None, data: str | None = None,
              overrides: Sequence[str] = (), on_progress=None) -> dict[str, Any]:
     """Compare a finished text run's meta-learned init with its baselines on the

@@ -91,6 +91,27 @@ def test_embed_a_task_file(tmp_path, encoder_run):
     assert len(json.loads((tmp_path / "e.json").read_text())["embedding"]) == 18
 
 
+def test_fit_and_use_the_learned_embedding(tmp_path, encoder_run):
+    net = tmp_path / "learned.safetensors"
+    fit = _cli("embed", "--fit", str(net), "--family", "wordnet", "--steps", "20", "--json")
+    assert fit.returncode == 0, fit.stderr
+    result = json.loads(fit.stdout)
+    assert result["families"] == ["wordnet"] and result["dim"] == 32
+    assert result["loss"][1] < result["loss"][0]  # InfoNCE from log(32) = 3.47 down
+    task = _write_task(tmp_path / "task.jsonl", ("food", "sport"))
+    out = _cli("embed", "--data", str(task), "--kind", "learned", "--learned", str(net),
+               "--json")
+    assert out.returncode == 0, out.stderr
+    vector = np.array(json.loads(out.stdout)["embedding"])
+    assert vector.shape == (32,) and np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    # The run's encoder reads 16 tokens, not 32: other features, so the network refuses.
+    other = _cli("embed", "--data", str(task), "--init", str(encoder_run), "--kind",
+                 "learned", "--learned", str(net))
+    assert other.returncode == 2 and "trained on the features of" in other.stderr
+    both = _cli("embed", "--data", str(task), "--fit", str(net))
+    assert both.returncode == 2 and "or --fit FILE" in both.stderr
+
+
 def test_adapt_auto_chooses_and_says_why(tmp_path, encoder_run):
     task = _write_task(tmp_path / "task.jsonl", ("food", "sport"), slice(0, 3))
     held = _write_task(tmp_path / "held.jsonl", ("food", "sport"), slice(3, 6))

@@ -234,8 +234,16 @@ def adapt(run_dir: str, candidates: tuple[str, ...], data: str, holdout: str | N
 
 
 @click.command()
-@click.option("--data", required=True, type=click.Path(), metavar="TASK.jsonl",
+@click.option("--data", type=click.Path(), metavar="TASK.jsonl",
               help='The task\'s labelled examples, lines {"text": ..., "label": ...}.')
+@click.option("--fit", type=click.Path(), metavar="FILE",
+              help="Instead: train the learned embedding's network on the meta-train "
+                   "categories of --family (default wordnet and fortunes) and save it here.")
+@click.option("--family", "families", multiple=True,
+              type=click.Choice(["wordnet", "fortunes"]),
+              help="With --fit: a shipped text family to train on (repeat).")
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True,
+              help="With --fit: training steps (32 tasks each).")
 @click.option("--init", "run_dir", type=click.Path(), metavar="RUN_DIR",
               help="Read the task through this encoder run's model (default: "
                    "all-MiniLM-L6-v2, top layer, 32 tokens).")
@@ -246,20 +254,34 @@ def adapt(run_dir: str, candidates: tuple[str, ...], data: str, holdout: str | N
 @click.option("--out", type=click.Path(), metavar="FILE",
               help="Store the embedding here as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the embedding as JSON.")
-def embed(data: str, run_dir: str | None, kind: str, learned: str | None, out: str | None,
+def embed(data: str | None, fit: str | None, families: tuple[str, ...], steps: int,
+          run_dir: str | None, kind: str, learned: str | None, out: str | None,
           as_json: bool) -> None:
     """Embed a task (a JSONL file of labelled examples) as a vector: Task2Vec, handcrafted
-    features or the learned embedding."""
+    features or the learned embedding; or, with --fit, train the learned embedding."""
     from pathlib import Path
 
     from metapeft_dist import api
     from metapeft_dist.adapt import AdaptError
     from metapeft_dist.embed import ProbeError
 
+    if (data is None) == (fit is None):
+        fail_usage("give --data TASK.jsonl to embed a task, or --fit FILE to train the "
+                   "learned embedding")
     try:
-        result = api.embed(data, run_dir, kind, learned)
+        if fit is not None:
+            result = api.fit_embedding(fit, families or ("wordnet", "fortunes"), run_dir,
+                                       steps)
+        else:
+            result = api.embed(data, run_dir, kind, learned)
     except (AdaptError, ConfigError, ProbeError, ValueError) as err:
         fail_usage(str(err).splitlines()[0])
+    if fit is not None:
+        click.echo(json.dumps(result) if as_json else
+                   f"learned task embedding ({result['dim']} numbers) trained on "
+                   f"{', '.join(result['families'])} for {result['steps']} steps, InfoNCE "
+                   f"{result['loss'][0]:.2f} -> {result['loss'][1]:.2f}: {result['file']}")
+        return
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result) + "\n")
