@@ -102,6 +102,16 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
     return auto(candidates, data, out_dir, steps, holdout, outcomes, kind)
 
 
+def adapt_hyper(candidates: Sequence[str | Path], data: str | Path,
+                out_dir: str | Path | None = None, steps: int | None = None,
+                holdout: str | Path | None = None) -> dict[str, Any]:
+    """Adapt the task in ``data`` from what the hypernetwork run among ``candidates``
+    generates for it (its adapters and a prototype head), then ``steps`` steps."""
+    from metapeft_dist.adapt import adapt_hyper as hyper
+
+    return hyper(candidates, data, out_dir, steps, holdout)
+
+
 def embed(data: str | Path, run_dir: str | Path | None = None, kind: str = "task2vec",
           learned: str | Path | None = None) -> dict[str, Any]:
     """The task embedding of a JSONL task file (its lines are the support set), through

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.algorithms.base import map_tasks
-from metapeft_dist.job import Init, Job, to_mx
+from metapeft_dist.job import Init, Job, TaskLoss, to_mx
 
 Z95 = 1.959963984540054
 
@@ -33,9 +33,7 @@ class Evaluator:
 
         def curve(shared, sx, sy, qx, qy):
             frozen = shared["frozen"]
-
-            def loss_fn(p, x, y):
-                return objective.loss(model({**frozen, **p}, x), y)
+            loss_fn = TaskLoss(model, frozen, objective.loss)
 
             trajectory = algorithm.adapt(shared["meta"], loss_fn, sx, sy, steps)
             values = [objective.metric(model({**frozen, **p}, qx), qy) for p in trajectory]

@@ -8,7 +8,7 @@ later); building it is deterministic in the spec, so only the spec has to travel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 
@@ -22,6 +22,23 @@ from metapeft_dist.tasks.base import Episode, sample_batch
 from metapeft_dist.tree import Meta, Params
 
 LossFn = Callable[[Params, mx.array, mx.array], mx.array]
+
+
+@dataclass(frozen=True, eq=False)
+class TaskLoss:
+    """The task loss of the trainable parameters, the frozen ones closed over:
+    ``loss(model({**frozen, **params}, x)[..., :ways], y)``. Algorithms that read the
+    model itself (the LoRA hypernetwork computes features of the support set) find the
+    model and the frozen parameters here."""
+
+    model: Any
+    frozen: Params
+    loss: Callable[[mx.array, mx.array], mx.array]
+    ways: int | None = None  # use only the first ``ways`` outputs (a task with fewer labels)
+
+    def __call__(self, params: Params, x: mx.array, y: mx.array) -> mx.array:
+        out = self.model({**self.frozen, **params}, x)
+        return self.loss(out if self.ways is None else out[..., :self.ways], y)
 
 
 @dataclass
@@ -46,9 +63,8 @@ class Job:
 
     def loss_fn(self, frozen: Params | None = None) -> LossFn:
         """Task loss of the trainable parameters, the frozen ones closed over."""
-        frozen = self.frozen if frozen is None else frozen
-        model, loss = self.model, self.objective.loss
-        return lambda params, x, y: loss(model({**frozen, **params}, x), y)
+        return TaskLoss(self.model, self.frozen if frozen is None else frozen,
+                        self.objective.loss)
 
     def stored_frozen(self) -> Params:
         """The frozen part a checkpoint keeps: all of it for the MLP and the conv net (a
@@ -122,4 +138,27 @@ def build_job(spec: JobSpec) -> Job:
     trainable, frozen = split_trainable(params, spec.model.train)
     job.frozen = frozen
     job.initial_meta = algorithm.init_meta(trainable)
+    if spec.algorithm.name == "hyper":
+        job.initial_meta = algorithm.init_hyper(  # type: ignore[attr-defined]
+            mx.random.key(spec.seed + 2), _hyper_base(spec, trainable))
     return job
+
+
+def _hyper_base(spec: JobSpec, trainable: Params) -> Params:
+    """The hypernetwork's base adapters: the standard LoRA init, or the meta-learned
+    init of the run ``algorithm.hyper.init`` names (same model; its head is not used)."""
+    run = spec.algorithm.hyper.init
+    if run is None:
+        return trainable
+    from metapeft_dist.adapt import AdaptError, load_init
+
+    try:
+        _, meta, _ = load_init(run)
+    except AdaptError as err:
+        raise ValueError(f"algorithm.hyper.init: {err}") from None
+    given = meta["params"]
+    for name, value in trainable.items():
+        if is_adapter(name) and (name not in given or given[name].shape != value.shape):
+            raise ValueError(f"algorithm.hyper.init: {run} has no adapter {name} of shape "
+                             f"{tuple(value.shape)}: a different model")
+    return {k: given[k] if is_adapter(k) else v for k, v in trainable.items()}

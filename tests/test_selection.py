@@ -76,6 +76,50 @@ def encoder_run(tmp_path_factory):
     return _run(root, "{kind: encoder, train: lora, max_len: 16, lora: {rank: 2, layers: 1}}")
 
 
+@pytest.fixture(scope="module")
+def hyper_run(tmp_path_factory):
+    from metapeft_dist.config import parse_spec
+    from metapeft_dist.runner import run_job
+
+    root = tmp_path_factory.mktemp("hyper_run")
+    data = root / "tasks"
+    data.mkdir()
+    for i, pair in enumerate([("weather", "food"), ("food", "sport"), ("sport", "weather")]):
+        _write_task(data / f"task{i}.jsonl", pair)
+    spec = parse_spec(f"""
+name: hyper
+family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
+model: {{kind: encoder, train: lora, max_len: 16, lora: {{rank: 2, layers: 1}}}}
+algorithm: {{name: hyper, meta_batch: 2, iterations: 3, hyper: {{task_dim: 8, hidden: 16,
+            map_rank: 2}}}}
+runtime: {{mode: local}}
+inner: {{steps: 1, lr: 0.5}}
+eval: {{tasks: 2, shots: [2], steps: 2, every: 3, val_tasks: 2, chunk: 2}}
+metrics: {{enabled: false}}
+""")
+    run_job(spec, root / "run")
+    return root / "run"
+
+
+def test_adapt_hyper_generates_the_start(tmp_path, encoder_run, hyper_run):
+    task = _write_task(tmp_path / "task.jsonl", ("food", "sport"), slice(0, 3))
+    held = _write_task(tmp_path / "held.jsonl", ("food", "sport"), slice(3, 6))
+    out = _cli("adapt", "--init", "hyper", "--candidate", str(encoder_run), "--candidate",
+               str(hyper_run), "--data", str(task), "--holdout", str(held), "--steps", "0",
+               "--out", str(tmp_path / "adapter"), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["generated"] is True and report["selection"]["method"] == "hyper"
+    assert report["run_dir"] == str(hyper_run)
+    # With no step the adapter is the generated start, and its prototype head already
+    # classifies the support set it was built from.
+    assert report["holdout_accuracy"][0] == report["holdout_accuracy"][1]
+    assert report["support_accuracy"][0] >= 0.5
+    none = _cli("adapt", "--init", "hyper", "--candidate", str(encoder_run), "--data",
+                str(task))
+    assert none.returncode == 2 and "exactly one hypernetwork run" in none.stderr
+
+
 def test_embed_a_task_file(tmp_path, encoder_run):
     task = _write_task(tmp_path / "task.jsonl", ("food", "sport"))
     out = _cli("embed", "--data", str(task), "--init", str(encoder_run), "--json")
@@ -151,7 +195,7 @@ def test_adapt_auto_chooses_and_says_why(tmp_path, encoder_run):
         (args[:-1], "outcomes.jsonl:64: not an outcome record"),
         (["adapt", "--init", "auto", "--data", str(task)], "needs candidate runs"),
         (["adapt", "--init", str(encoder_run), "--candidate", str(encoder_run), "--data",
-          str(task)], "--candidate goes with --init auto"),
+          str(task)], "--candidate goes with --init auto or --init hyper"),
         (["embed", "--data", str(tmp_path / "none.jsonl")], "task file not found"),
         (["embed", "--data", str(task), "--kind", "learned"], "needs its trained network"),
     ]

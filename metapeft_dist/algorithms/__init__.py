@@ -26,6 +26,11 @@ def make_algorithm(spec) -> MetaAlgorithm:
         return MAMLpp(*common, multi_step_loss=o.multi_step_loss,
                       msl_anneal_iterations=o.msl_anneal_iterations,
                       per_step_lr=o.per_step_lr, first_order_until=o.first_order_until)
+    if a.name == "hyper":
+        from metapeft_dist.algorithms.hyper import Hyper
+
+        o = a.hyper
+        return Hyper(*common, task_dim=o.task_dim, hidden=o.hidden, map_rank=o.map_rank)
     raise ValueError(f"unknown algorithm {a.name!r}")
 
 

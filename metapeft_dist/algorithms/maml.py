@@ -20,4 +20,5 @@ class MAML(GradientMetaAlgorithm):
                  first_order: bool = False):
         super().__init__(inner_steps, inner_lr, inner_optimizer)
         self.first_order = first_order
-        self.name = "fomaml" if first_order else "maml"
+        if self.name == "base":  # subclasses (the hypernetwork) keep their own name
+            self.name = "fomaml" if first_order else "maml"

@@ -174,14 +174,15 @@ def _default_outcomes() -> str:
 
 
 @click.command()
-@click.option("--init", "run_dir", required=True, metavar="RUN_DIR|auto",
+@click.option("--init", "run_dir", required=True, metavar="RUN_DIR|auto|hyper",
               help="A finished text run (model.kind encoder or causal_lm) whose "
-                   "meta-learned init to start from; or auto: choose among the "
-                   "--candidate runs' inits, their standard LoRA init and head-only tuning "
-                   "from the task's embedding.")
+                   "meta-learned init to start from; auto: choose among the --candidate "
+                   "runs' inits, their standard LoRA init and head-only tuning from the "
+                   "task's embedding; hyper: generate the adapters with the hypernetwork "
+                   "run among the --candidate runs.")
 @click.option("--candidate", "candidates", multiple=True, type=click.Path(),
-              metavar="RUN_DIR", help="With --init auto: an encoder run to choose from "
-                                      "(repeat for several).")
+              metavar="RUN_DIR", help="With --init auto or hyper: an encoder run to choose "
+                                      "from (repeat for several).")
 @click.option("--data", required=True, type=click.Path(), metavar="TASK.jsonl",
               help='The new task\'s few labelled examples, lines {"text": ..., "label": ...}.')
 @click.option("--holdout", type=click.Path(), metavar="HELDOUT.jsonl",
@@ -208,10 +209,12 @@ def adapt(run_dir: str, candidates: tuple[str, ...], data: str, holdout: str | N
     from metapeft_dist.adapt import AdaptError
     from metapeft_dist.embed import ProbeError
 
-    if run_dir != "auto" and candidates:
-        fail_usage("--candidate goes with --init auto")
+    if run_dir not in ("auto", "hyper") and candidates:
+        fail_usage("--candidate goes with --init auto or --init hyper")
     try:
-        if run_dir == "auto":
+        if run_dir == "hyper":
+            report = api.adapt_hyper(candidates, data, out_dir, steps, holdout)
+        elif run_dir == "auto":
             report = api.adapt_auto(candidates, data, out_dir, steps, holdout, outcomes, kind)
         else:
             report = api.adapt(run_dir, data, out_dir, steps, holdout)

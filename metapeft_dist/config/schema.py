@@ -255,15 +255,37 @@ class MamlppSpec:
             )
 
 
-ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd", "mamlpp")
+@dataclass(frozen=True)
+class HypernetSpec:
+    """LoRA hypernetwork (Ha et al. 2016; algorithm.name: hyper, model.kind encoder): a
+    task's support set -> a task vector -> the LoRA matrices, each its base matrix plus a
+    rank-``map_rank`` map of the task vector; the head is the support set's class
+    prototypes (Proto-MAML). Meta-trained first-order through ``inner.steps`` steps."""
+
+    task_dim: int = documented("length of the task vector", default=64)
+    hidden: int = documented("width of the task-encoding MLP", default=128)
+    map_rank: int = documented("rank of each task-vector -> LoRA-matrix map", default=16)
+    init: str | None = documented(
+        "a finished encoder run (same model) whose meta-learned adapters start the base "
+        "matrices; unset: the standard LoRA init", default=None)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            for name in ("task_dim", "hidden", "map_rank"):
+                value = getattr(self, name)
+                check(value >= 1, name, f"must be >= 1, got {value}")
+
+
+ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd", "mamlpp", "hyper")
 
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """The meta-learning algorithm and the length of meta-training."""
 
-    name: Literal["reptile", "fomaml", "maml", "metasgd", "mamlpp"] = documented(
-        "reptile, fomaml (first-order MAML), maml (second order), metasgd, mamlpp"
+    name: Literal["reptile", "fomaml", "maml", "metasgd", "mamlpp", "hyper"] = documented(
+        "reptile, fomaml (first-order MAML), maml (second order), metasgd, mamlpp, hyper "
+        "(a LoRA hypernetwork, model.kind encoder)"
     )
     meta_batch: int = documented("tasks per meta-iteration", default=25)
     iterations: int = documented(
@@ -272,6 +294,8 @@ class AlgorithmSpec:
     reptile: ReptileSpec | None = documented("Reptile options (name: reptile only)", default=None)
     metasgd: MetaSgdSpec | None = documented("Meta-SGD options (name: metasgd only)", default=None)
     mamlpp: MamlppSpec | None = documented("MAML++ options (name: mamlpp only)", default=None)
+    hyper: HypernetSpec | None = documented("hypernetwork options (name: hyper only)",
+                                            default=None)
 
     def __post_init__(self) -> None:
         with Checks() as check:
@@ -281,6 +305,7 @@ class AlgorithmSpec:
                 ("reptile", ReptileSpec),
                 ("metasgd", MetaSgdSpec),
                 ("mamlpp", MamlppSpec),
+                ("hyper", HypernetSpec),
             ):
                 given = getattr(self, section)
                 if section == self.name:
@@ -637,6 +662,13 @@ class JobSpec:
                 "family.ways",
                 f"causal_lm verbalizes labels as the letters A-Z: at most 26, got "
                 f"{self.family.ways}",
+            )
+            check(
+                self.algorithm.name != "hyper"
+                or (kind == "encoder" and self.model.train == "lora"),
+                "algorithm.name",
+                "hyper generates LoRA adapters for the text encoder: it needs model.kind "
+                "encoder and model.train lora",
             )
             serial = self.algorithm.reptile is not None and self.algorithm.reptile.serial
             check(
