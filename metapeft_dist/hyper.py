@@ -265,11 +265,15 @@ class LoraHypernetwork:
 def meta_train(net: LoraHypernetwork, hyper: Params, batches: Iterable[Task],
                inner_steps: int = 0, outer_lr: float = 1e-3, clip_norm: float | None = 10.0,
                vmap: bool = True, compile: bool = True,
-               on_step: Callable[[int, float], None] | None = None
+               on_step: Callable[[int, float, Params], None] | None = None
                ) -> tuple[Params, list[float]]:
-    """Adam on the mean query loss of each batch of tasks (``job.batch(i)``: arrays
-    with a leading task axis); returns the trained parameters and the loss of every
-    step (before its update)."""
+    """Adam (bias-corrected) on the mean query loss of each batch of tasks
+    (``job.batch(i)``: arrays with a leading task axis), the gradient clipped to global
+    norm ``clip_norm`` (None: no clipping); returns the trained parameters and the loss
+    of every step (before its update). With ``compile`` one step, optimizer included,
+    is a single ``mx.compile``d graph, as in trainer.py. ``on_step(i, loss, hyper)`` is
+    called after each step with the updated parameters (new containers, safe to keep:
+    e.g. to validate and keep the best)."""
     holder = {"hyper": tree_map(lambda a: a, hyper)}
     optimizer = optim.Adam(learning_rate=outer_lr, bias_correction=True)
     optimizer.init(holder["hyper"])
@@ -294,7 +298,7 @@ def meta_train(net: LoraHypernetwork, hyper: Params, batches: Iterable[Task],
         mx.eval(loss, holder, optimizer.state)
         losses.append(loss.item())
         if on_step is not None:
-            on_step(i, losses[-1])
+            on_step(i, losses[-1], tree_map(lambda a: a, holder["hyper"]))
     return holder["hyper"], losses
 
 
