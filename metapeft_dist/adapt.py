@@ -177,6 +177,9 @@ def embed_file(data: str | Path, model_spec=None, kind: str = "task2vec",
     through the encoder ``model_spec`` names (default: all-MiniLM-L6-v2, top layer)."""
     from metapeft_dist.embed import TaskSample, make_embedder, text_probe
 
+    if kind == "learned" and learned is None:
+        raise AdaptError("the learned embedding needs its trained network: --learned FILE "
+                         "(train one with metapeft embed --fit FILE)")
     texts, labels, names = read_examples(data)
     model_spec = model_spec or _default_encoder()
     probe = text_probe(model_spec, texts)

@@ -47,6 +47,7 @@ LOST = (RayActorError, ActorUnavailableError, WorkerCrashedError, ObjectLostErro
 # the embedded Ray; a cluster sets it with `ray start --system-config` (cluster/).
 INLINE_RESULT_BYTES = 1 << 20
 WAIT_SECONDS = 0.5
+START_SECONDS = 60.0  # how long a run waits for its first workers before it begins
 # Chunks queued per worker: with two, a worker starts its next chunk the moment it
 # finishes one instead of idling while the driver round-trips.
 SLOTS_PER_WORKER = 2
@@ -161,6 +162,11 @@ class RayExecutor:
                                "with ray start --resources='{\"mlx\": 1}'")
         for _ in range(wanted):
             self._add_worker()
+        # Start together: wait (at most START_SECONDS) for the first workers to answer, so
+        # the work is spread from the first iteration rather than all going to whichever
+        # imported MLX first on a loaded machine; a slower worker still joins later.
+        ray.wait(list(self.pings), num_returns=len(self.pings),
+                 timeout=min(START_SECONDS, self.runtime.stall_timeout))
         self.counters = {"dispatched": 0, "completed": 0, "lost": 0, "duplicates": 0,
                          "tasks_completed": 0, "tasks_lost": 0}
         self.throughput = Throughput()
