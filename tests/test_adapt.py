@@ -34,7 +34,8 @@ def _write_task(path, labels, rows=slice(None)):
     return path
 
 
-def _run(tmp_path, model: str):
+def _run(tmp_path, model: str,
+         algorithm: str = "{name: fomaml, meta_batch: 2, iterations: 4}"):
     data = tmp_path / "tasks"
     data.mkdir()
     for i, pair in enumerate([("weather", "food"), ("food", "sport"), ("sport", "weather")]):
@@ -43,7 +44,7 @@ def _run(tmp_path, model: str):
 name: text
 family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
 model: {model}
-algorithm: {{name: fomaml, meta_batch: 2, iterations: 4}}
+algorithm: {algorithm}
 runtime: {{mode: local}}
 inner: {{steps: 2, lr: 0.5}}
 eval: {{tasks: 2, shots: [2], steps: 2, every: 2, val_tasks: 2, chunk: 2}}

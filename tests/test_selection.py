@@ -78,27 +78,10 @@ def encoder_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hyper_run(tmp_path_factory):
-    from metapeft_dist.config import parse_spec
-    from metapeft_dist.runner import run_job
-
-    root = tmp_path_factory.mktemp("hyper_run")
-    data = root / "tasks"
-    data.mkdir()
-    for i, pair in enumerate([("weather", "food"), ("food", "sport"), ("sport", "weather")]):
-        _write_task(data / f"task{i}.jsonl", pair)
-    spec = parse_spec(f"""
-name: hyper
-family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
-model: {{kind: encoder, train: lora, max_len: 16, lora: {{rank: 2, layers: 1}}}}
-algorithm: {{name: hyper, meta_batch: 2, iterations: 3, hyper: {{task_dim: 8, hidden: 16,
-            map_rank: 2}}}}
-runtime: {{mode: local}}
-inner: {{steps: 1, lr: 0.5}}
-eval: {{tasks: 2, shots: [2], steps: 2, every: 3, val_tasks: 2, chunk: 2}}
-metrics: {{enabled: false}}
-""")
-    run_job(spec, root / "run")
-    return root / "run"
+    return _run(tmp_path_factory.mktemp("hyper_run"),
+                "{kind: encoder, train: lora, max_len: 16, lora: {rank: 2, layers: 1}}",
+                "{name: hyper, meta_batch: 2, iterations: 4, "
+                "hyper: {task_dim: 8, hidden: 16, map_rank: 2}}")
 
 
 def test_adapt_hyper_generates_the_start(tmp_path, encoder_run, hyper_run):
