@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import metapeft_dist  # noqa: E402,F401  (loads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from metapeft_dist.adapt import load_init  # noqa: E402
+from metapeft_dist.adapt import load_run  # noqa: E402
 from metapeft_dist.evaluate import Evaluator, mean_ci95  # noqa: E402
 from metapeft_dist.job import Init, build_job  # noqa: E402
 
@@ -29,11 +29,19 @@ SHOWN = (0, 1, 5, 10)
 
 
 def compare(hyper_run: str, meta_run: str, tasks: int = 60) -> dict:
-    spec, hyper_meta, _ = load_init(hyper_run)
+    spec, hyper_ckpt = load_run(hyper_run, text=False)
     if spec.algorithm.name != "hyper":
         sys.exit(f"{hyper_run} is not a hypernetwork run (algorithm.name hyper)")
     job = build_job(spec)
-    meta = load_init(meta_run)[1]
+    other, meta_ckpt = load_run(meta_run, text=False)
+    if other.model != spec.model:
+        sys.exit("the two runs use different models")
+    # An MLP's pretrained base is each run's own (stored in its checkpoint); a text
+    # model's is the model directory the spec names.
+    hyper_meta, meta = hyper_ckpt.meta, meta_ckpt.meta
+    for frozen in (hyper_ckpt.frozen, meta_ckpt.frozen):
+        if frozen and any(not mx.array_equal(frozen[k], job.frozen[k]) for k in job.frozen):
+            sys.exit("a run's frozen base differs from the one this job builds")
     standard = job.baseline("random")
     proto = job.algorithm.init_hyper  # type: ignore[attr-defined]
     inits = {"hyper": Init("hyper", hyper_meta, job.frozen),

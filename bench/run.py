@@ -21,7 +21,14 @@ Sections:
             fortune topics vs the standard LoRA init and head-only tuning, cross-domain,
             amortized cost, peak memory per algorithm (bench/text_bench.py; hours)
   select    RQ2 on the text runs: the outcome predictor's pick vs the single best
-            configuration and the similarity rule (bench/select_bench.py; ~1 hour)
+            configuration and the similarity rule, among the WordNet and fortunes inits,
+            the standard LoRA init at rank 4 on the top layer and at rank 8 on the top
+            two, and head-only tuning (bench/select_bench.py; ~1.5 hours)
+  hyper     on digits: the LoRA hypernetwork (jobs/digits-hyper.yaml) against first-order
+            MAML of the same adapters (jobs/digits-lora-fomaml.yaml), 0-10 steps at 1 and
+            5 shots, paired (bench/hyper_compare.py); then RQ2 on digits among those two,
+            digits-fomaml (all weights), standard LoRA at ranks 4 and 8, head-only and
+            full fine-tuning from the pretrained base (~15 minutes)
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from metapeft_dist.config import load_spec  # noqa: E402
 from metapeft_dist.job import build_job  # noqa: E402
 from metapeft_dist.runner import meta_train, run_job  # noqa: E402
 from metapeft_dist.trainer import MetaTrainer  # noqa: E402
+from hyper_compare import compare as hyper_compare  # noqa: E402  (bench/)
 from select_bench import bench_select  # noqa: E402  (bench/, the script's directory)
 from text_bench import bench_text  # noqa: E402
 
@@ -384,13 +392,44 @@ def bench_select_section() -> dict:
         print("  skipped: needs the text section's runs, or BENCH_WORDNET_RUN and "
               "BENCH_FORTUNES_RUN", flush=True)
         return {"skipped": "no text runs"}
-    return bench_select(wordnet, fortunes)
+    # a LoRA configuration no run was meta-trained with: rank 8 on the top two layers
+    wider = _variant("wordnet-fomaml", "wordnet-lora-r8-top2",
+                     {"rank": 8, "alpha": 8.0, "layers": 2})
+    return bench_select(["wordnet", "fortunes"], [wordnet, fortunes, str(wider)],
+                        cache=OUT / "select-cache")
+
+
+def _variant(job: str, name: str, lora: dict) -> Path:
+    """A copy of jobs/JOB.yaml with other LoRA settings, written to .bench/NAME.yaml."""
+    import yaml
+
+    plain = load_spec(ROOT / "jobs" / f"{job}.yaml").to_dict()
+    plain["name"] = name
+    plain["model"]["lora"] = {**plain["model"]["lora"], **lora}
+    path = OUT / f"{name}.yaml"
+    OUT.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(plain, sort_keys=False))
+    return path
+
+
+def bench_hyper_section() -> dict:
+    """The digits hypernetwork against FOMAML of the same adapters, and RQ2 on digits."""
+    runs = {name: _run(ROOT / "jobs" / f"{name}.yaml")["run_dir"]
+            for name in ("digits-lora-fomaml", "digits-hyper", "digits-fomaml")}
+    out: dict = {"runs": runs,
+                 "compare": hyper_compare(runs["digits-hyper"], runs["digits-lora-fomaml"], 300)}
+    rank8 = _variant("digits-lora-fomaml", "digits-lora-r8", {"rank": 8, "alpha": 8.0})
+    out["select"] = bench_select(["digits"], [runs["digits-lora-fomaml"], runs["digits-hyper"],
+                                              runs["digits-fomaml"], str(rank8)],
+                                 tasks=150, cache=OUT / "select-cache")
+    return out
 
 
 SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
             "digits": bench_digits, "gaussian": bench_gaussian,
             "distributed": bench_distributed, "metrics": bench_metrics,
-            "text": bench_text_section, "select": bench_select_section}
+            "text": bench_text_section, "select": bench_select_section,
+            "hyper": bench_hyper_section}
 
 
 def main(argv: list[str]) -> None:

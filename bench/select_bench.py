@@ -1,24 +1,37 @@
 """`make bench` section `select` (RQ2): does a task's embedding pick the configuration
 that adapts it best?
 
-Configurations: the meta-learned inits of a WordNet run and a fortunes run, the
-standard LoRA init (A random, B zero, fresh head) and head-only tuning; each adapted
-``STEPS`` steps at ``SHOTS`` shots, scored on ``QUERY`` query examples per class.
-Outcomes are recorded on meta-validation tasks of both families (the predictor's
-training data) and measured on meta-test tasks of both (held-out categories). Reported,
-with 95% CIs:
+Configurations (metapeft_dist.selection.configurations): every run's meta-learned init
+(a hypernetwork run's: the adapters it generates), the standard init of every distinct
+PEFT configuration among the runs (LoRA rank, scale and layers; ``all`` weights for a
+digits run), head-only tuning, and, on digits, fine-tuning every weight from the
+pretrained base. A job spec file (.yaml) among the runs adds its PEFT configuration's
+standard init only (a LoRA rank or layer count no run was meta-trained with). Each
+configuration is adapted ``STEPS`` steps at ``SHOTS`` shots and scored on ``QUERY``
+query examples per class, on the same tasks.
+
+Outcomes are recorded on meta-validation tasks of every family (the predictor's training
+data) and measured on meta-test tasks (held-out categories). Tasks are embedded with
+Task2Vec through one probe (the text runs' shared encoder's top layer; the digits MLP
+pretrained on the meta-train digits). Reported, with 95% CIs:
 
   - how often the predictor's pick is the best configuration for the task, or within 1
     point of it (the seed's RQ2 hypothesis: >= 90%), against always choosing the single
     best configuration on the recorded tasks (the global choice);
   - mean accuracy of the predictor's pick, the similarity rule's pick (``--init auto``
-    without records) and the global meta-learned init, paired on the same tasks.
+    without records; text runs only) and the global choice, paired on the same tasks.
 
-    python bench/select_bench.py WORDNET_RUN FORTUNES_RUN [TASKS]
+Per-task accuracies are kept in CACHE (default .bench/select-cache/), so adding a run
+re-measures only its configurations.
+
+    python bench/select_bench.py [--tasks N] [--cache DIR] FAMILY[,FAMILY] RUN_OR_SPEC...
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -37,93 +50,174 @@ STREAM = 100  # task streams no other evaluation uses
 KIND = "task2vec"
 
 
-def outcomes_for(runs: dict[str, str], family: str, split: str, tasks: int) -> dict:
-    """Per task of ``family``'s ``split``: the Task2Vec embedding and every
-    configuration's query accuracy after ``STEPS`` steps."""
-    from metapeft_dist.adapt import _narrow, load_init
+def _sources(paths: list[str]) -> dict[str, tuple[object, object]]:
+    """{path: (spec, checkpoint or None)} for run directories and job spec files."""
+    from metapeft_dist.adapt import load_run
+    from metapeft_dist.config import load_spec
+
+    out = {}
+    for path in paths:
+        if Path(path).is_file():
+            out[path] = (load_spec(path), None)
+        else:
+            out[path] = load_run(path, text=False)
+    return out
+
+
+def _configurations(sources) -> dict:
+    """{key: (source path, init)} as metapeft_dist.selection names them."""
+    from metapeft_dist.selection import Choice, peft_name
+
+    out: dict[str, tuple[str, str]] = {}
+    for path, (spec, checkpoint) in sources.items():
+        if checkpoint is not None:
+            out.setdefault(Choice(path, "meta").key, (path, "meta"))
+        out.setdefault(Choice(path, "standard", peft_name(spec.model)).key, (path, "standard"))
+    first = next(iter(sources))
+    out["head"] = (first, "head")
+    if sources[first][0].model.kind in ("mlp", "conv"):
+        out["pretrained:all"] = (first, "pretrained")
+    return out
+
+
+def _job(spec, family: str):
     from metapeft_dist.config import from_dict
-    from metapeft_dist.embed import family_samples, make_embedder, probe_from_job
+    from metapeft_dist.job import build_job
+
+    plain = spec.to_dict()
+    plain["family"] = {**plain["family"], "name": family, "path": None}
+    plain["eval"] = {**plain["eval"], "steps": STEPS}
+    if plain["model"]["kind"] in ("mlp", "conv"):
+        plain["model"]["base"] = "pretrained"  # the pretrained baseline and the probe
+    return build_job(from_dict(plain))
+
+
+def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: Path) -> dict:
+    """Per configuration, the query accuracy of ``tasks`` tasks after ``STEPS`` steps
+    (cached per configuration, family, split and task count)."""
+    from metapeft_dist.adapt import _narrow
     from metapeft_dist.evaluate import Evaluator
-    from metapeft_dist.job import Init, build_job
+    from metapeft_dist.job import Init
 
-    first = next(iter(runs.values()))
-    spec = load_init(first)[0].to_dict()
-    spec["family"] = {**spec["family"], "name": family, "path": None}
-    spec["eval"] = {**spec["eval"], "steps": STEPS}
-    job = build_job(from_dict(spec))
-    evaluator = Evaluator(job, STEPS)
-    inits = {f"meta:{Path(r).name}": Init("meta", _narrow(load_init(r)[1], job.spec.family.ways),
-                                          job.frozen) for r in runs.values()}
-    inits["standard"] = job.baseline("random")
-    inits["head"] = job.baseline("head")
+    jobs: dict[str, object] = {}
     accuracy = {}
-    for name, init in inits.items():
+    for key, (path, init) in configs.items():
+        ident = hashlib.sha256(f"{key}|{Path(path).resolve()}|{family}|{split}|{tasks}|"
+                               f"{SHOTS}|{QUERY}|{STEPS}|{STREAM}".encode()).hexdigest()[:16]
+        file = cache / f"{ident}.json"
+        if file.is_file():
+            accuracy[key] = json.loads(file.read_text())
+            continue
+        spec, checkpoint = sources[path]
+        if path not in jobs:
+            jobs[path] = _job(spec, family)
+        job = jobs[path]
+        if init == "meta":
+            frozen = checkpoint.frozen or job.frozen  # an MLP run's own pretrained base
+            start = Init("meta", _narrow(checkpoint.meta, job.spec.family.ways), frozen)
+        else:
+            start = job.baseline({"standard": "random"}.get(init, init))
         t0 = time.time()
-        curves = evaluator.curves(init, split, SHOTS, tasks, STREAM, 20, QUERY)
-        accuracy[name] = curves[:, -1].tolist()
-        print(f"  {family}/{split} {name}: {100 * np.mean(accuracy[name]):.1f}% "
+        curves = Evaluator(job, STEPS).curves(start, split, SHOTS, tasks, STREAM, 20, QUERY)
+        accuracy[key] = curves[:, -1].tolist()
+        file.write_text(json.dumps(accuracy[key]))
+        print(f"  {family}/{split} {key}: {100 * np.mean(accuracy[key]):.1f}% "
               f"({time.time() - t0:.0f} s)", flush=True)
-    t0 = time.time()
+    return accuracy
+
+
+def embed(probe_job, family: str, split: str, tasks: int) -> tuple[np.ndarray, str]:
+    from metapeft_dist.embed import family_samples, make_embedder, probe_from_job
+
+    job = probe_job(family)
     probe = probe_from_job(job)
-    embedder = make_embedder(KIND, probe)
-    samples = family_samples(job, split, STREAM, tasks, SHOTS)
-    embeddings = embedder.embed(samples)
+    t0 = time.time()
+    vectors = make_embedder(KIND, probe).embed(family_samples(job, split, STREAM, tasks, SHOTS))
     print(f"  {family}/{split}: {tasks} embeddings ({time.time() - t0:.0f} s)", flush=True)
-    return {"embeddings": embeddings, "accuracy": accuracy, "probe": probe.name,
-            "tasks": [f"{family}/{split}/{i}" for i in range(tasks)]}
+    return vectors, probe.name
 
 
-def bench_select(wordnet_run: str, fortunes_run: str, tasks: int = 40) -> dict:
-    from metapeft_dist.adapt import run_centroid
+def bench_select(families: list[str], paths: list[str], tasks: int = 40,
+                 cache: Path | None = None) -> dict:
+    from metapeft_dist.adapt import probe_model, run_centroid
     from metapeft_dist.evaluate import mean_ci95
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
-                                         global_best)
+                                         global_best, peft_name)
 
-    runs = {"wordnet": wordnet_run, "fortunes": fortunes_run}
-    data = {(f, s): outcomes_for(runs, f, s, tasks) for f in runs for s in ("val", "test")}
+    cache = cache or ROOT / ".bench" / "select-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    sources = _sources(paths)
+    configs = _configurations(sources)
+    specs = [spec for spec, _ in sources.values()]
+    text = all(s.model.kind == "encoder" for s in specs)
+    first = specs[0]
+    if text:
+        probe_spec = dataclasses.replace(first, model=probe_model(specs))
+        if probe_spec.algorithm.name == "hyper":
+            probe_spec = dataclasses.replace(
+                probe_spec, algorithm=dataclasses.replace(first.algorithm, name="fomaml",
+                                                          hyper=None))
+    else:
+        probe_spec = first
+
+    def probe_job(family):
+        return _job(probe_spec, family)
+
+    data = {}
+    for family in families:
+        for split in ("val", "test"):
+            vectors, probe = embed(probe_job, family, split, tasks)
+            data[(family, split)] = {
+                "accuracy": measure(sources, configs, family, split, tasks, cache),
+                "embeddings": vectors, "probe": probe,
+                "tasks": [f"{family}/{split}/{i}" for i in range(tasks)]}
     records = [Outcome(d["tasks"][i], config, acc[i], d["embeddings"][i], KIND, d["probe"],
                        SHOTS, STEPS)
                for (f, s), d in data.items() if s == "val"
                for config, acc in d["accuracy"].items() for i in range(tasks)]
     predictor = OutcomePredictor(records)
     best_global = global_best(records)
-    centroids = [run_centroid(r, KIND) for r in runs.values()]
-    key_of = {r: f"meta:{Path(r).name}" for r in runs.values()}
+    runs = [p for p, (_, checkpoint) in sources.items() if checkpoint is not None]
+    centroids = ([run_centroid(r, KIND, probe_model(specs), data[(families[0], "val")]["probe"])
+                  for r in runs] if text else [])
+    peft = {p: peft_name(spec.model) for p, (spec, _) in sources.items()}
 
-    rows = {"predictor": [], "similarity": [], "global": [], "oracle": [],
-            "meta:" + Path(wordnet_run).name: []}
+    rows: dict[str, list[float]] = {"predictor": [], "global": [], "oracle": []}
+    if centroids:
+        rows["similarity"] = []
     hits_predictor, hits_global, picks = [], [], {}
-    for family in runs:
+    for family in families:
         d = data[(family, "test")]
         for i in range(tasks):
             scores = {c: acc[i] for c, acc in d["accuracy"].items()}
             best = max(scores.values())
             pick, _, _ = predictor.choose(d["embeddings"][i])
-            choice, _, _ = choose_by_similarity(d["embeddings"][i], centroids)
-            similar = key_of[choice.run_dir] if choice.init == "meta" else "standard"
             picks.setdefault(family, []).append(pick)
             rows["predictor"].append(scores[pick])
-            rows["similarity"].append(scores[similar])
             rows["global"].append(scores[best_global])
             rows["oracle"].append(best)
-            rows["meta:" + Path(wordnet_run).name].append(scores["meta:" + Path(wordnet_run).name])
+            if centroids:
+                choice, _, _ = choose_by_similarity(d["embeddings"][i], centroids, peft)
+                rows["similarity"].append(scores[choice.key])
             hits_predictor.append(scores[pick] >= best - 0.01)
             hits_global.append(scores[best_global] >= best - 0.01)
-    out: dict = {"tasks_per_family": tasks, "shots": SHOTS, "query": QUERY, "steps": STEPS,
+    out: dict = {"families": families, "tasks_per_family": tasks, "shots": SHOTS,
+                 "query": QUERY, "steps": STEPS, "configurations": sorted(configs),
                  "global_best": best_global}
+    print(f"  global best on the recorded tasks: {best_global}", flush=True)
     for name, values in (("predictor_within_1pt", hits_predictor),
                          ("global_within_1pt", hits_global)):
         mean, ci = mean_ci95(np.array(values, dtype=float))
         out[name] = [float(mean), float(ci)]
         print(f"  {name}: {100 * mean:.1f}% ± {100 * ci:.1f}", flush=True)
-    base = np.array(rows["meta:" + Path(wordnet_run).name])
+    base = np.array(rows["global"])
     for name, values in rows.items():
         v = np.array(values)
         mean, ci = mean_ci95(v)
         gain, gain_ci = mean_ci95(v - base)
         out[name] = {"accuracy": [float(mean), float(ci)],
-                     "gain_over_wordnet_meta": [float(gain), float(gain_ci)]}
-        print(f"  {name:<22} {100 * mean:5.1f}% ± {100 * ci:.1f}   vs the WordNet meta init "
+                     "gain_over_global": [float(gain), float(gain_ci)]}
+        print(f"  {name:<12} {100 * mean:5.1f}% ± {100 * ci:.1f}   vs the global choice "
               f"{100 * gain:+5.1f} ± {100 * gain_ci:.1f}", flush=True)
     for family, chosen in picks.items():
         counts = {c: chosen.count(c) for c in sorted(set(chosen))}
@@ -131,12 +225,22 @@ def bench_select(wordnet_run: str, fortunes_run: str, tasks: int = 40) -> dict:
         print(f"  predictor's picks on {family} test tasks: {counts}", flush=True)
     out["mean_by_config"] = {f"{f}/{s}": {c: float(np.mean(a)) for c, a in d["accuracy"].items()}
                              for (f, s), d in data.items()}
+    for key, means in out["mean_by_config"].items():
+        print(f"  {key}: " + ", ".join(f"{c} {100 * m:.1f}" for c, m in means.items()),
+              flush=True)
     return out
 
 
-if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 40
-    result = bench_select(sys.argv[1], sys.argv[2], n)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", help="comma-separated families, e.g. wordnet,fortunes")
+    parser.add_argument("runs", nargs="+", help="run directories or job spec files")
+    parser.add_argument("--tasks", type=int, default=40, help="tasks per family and split")
+    parser.add_argument("--cache", type=Path, default=None)
+    args = parser.parse_args(argv)
+    result = bench_select(args.families.split(","), args.runs, args.tasks, args.cache)
     print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

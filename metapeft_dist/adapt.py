@@ -28,7 +28,7 @@ from metapeft_dist.config import ConfigError, JobSpec, load_spec
 from metapeft_dist.job import TaskLoss
 from metapeft_dist.models import build_model, is_head
 from metapeft_dist.objectives import CLASSIFICATION
-from metapeft_dist.runtime.checkpoint import (CheckpointError, load_checkpoint,
+from metapeft_dist.runtime.checkpoint import (Checkpoint, CheckpointError, load_checkpoint,
                                               newest_good_checkpoint)
 from metapeft_dist.tasks.text import read_task
 from metapeft_dist.tree import Meta
@@ -40,22 +40,29 @@ class AdaptError(ValueError):
     """The run or the task cannot be adapted: one line (exit status 2)."""
 
 
-def run_spec(run_dir: str | Path) -> JobSpec:
-    """The spec of a text run (no checkpoint is read)."""
+def run_spec(run_dir: str | Path, text: bool = True) -> JobSpec:
+    """The spec of a run (``text``: a text run; no checkpoint is read)."""
     run_dir = Path(run_dir)
     if not (run_dir / "spec.yaml").is_file():
         raise AdaptError(f"{run_dir} is not a run directory (no spec.yaml)")
     spec = load_spec(run_dir / "spec.yaml")
-    if spec.model.kind not in TEXT_KINDS:
+    if text and spec.model.kind not in TEXT_KINDS:
         raise AdaptError(f"{run_dir} is a {spec.model.kind} run; adapt works on text runs "
                          "(model.kind encoder or causal_lm)")
     return spec
 
 
-def load_init(run_dir: str | Path) -> tuple[JobSpec, Meta, str]:
+def load_init(run_dir: str | Path, text: bool = True) -> tuple[JobSpec, Meta, str]:
     """The run's spec, its selected meta-learned init (results.json names it; without
     results, the newest good checkpoint) and where it came from."""
-    spec = run_spec(run_dir)
+    spec, checkpoint = load_run(run_dir, text)
+    return spec, checkpoint.meta, checkpoint.path
+
+
+def load_run(run_dir: str | Path, text: bool = True) -> tuple[JobSpec, Checkpoint]:
+    """The run's spec and its selected checkpoint (``frozen`` holds the base of an MLP
+    or conv run, pretrained in that run; text runs keep none)."""
+    spec = run_spec(run_dir, text)
     run_dir = Path(run_dir)
     path = None
     try:
@@ -72,7 +79,7 @@ def load_init(run_dir: str | Path) -> tuple[JobSpec, Meta, str]:
         raise AdaptError(str(err)) from None
     if checkpoint is None:
         raise AdaptError(f"{run_dir / 'checkpoints'} holds no usable checkpoint")
-    return spec, checkpoint.meta, checkpoint.path
+    return spec, checkpoint
 
 
 def read_examples(file: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
@@ -233,11 +240,26 @@ def fit_learned_embedding(out: str | Path, families: Sequence[str] = ("wordnet",
             "loss": [losses[0], losses[-1]], "dim": embedder.dim, "probe": probe.name}
 
 
-def run_centroid(run_dir: str | Path, kind: str = "task2vec"):
+def probe_model(specs: Sequence[JobSpec]):
+    """The model spec every task of ``specs``' runs is embedded through: their shared
+    encoder's top layer (whatever layers each run adapts, so runs with different LoRA
+    configurations are compared in one space)."""
+    encoders = {(s.model.path, s.model.max_len) for s in specs}
+    if len(encoders) != 1 or any(s.model.kind != "encoder" for s in specs):
+        raise AdaptError("the candidate runs must share one encoder (model.kind encoder, "
+                         "the same model.path and max_len): tasks are compared through it")
+    model = specs[0].model
+    return dataclasses.replace(model, lora=dataclasses.replace(model.lora, layers=1))
+
+
+def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
+                 probe_name: str | None = None):
     """Where a text run's tasks lie (:class:`metapeft_dist.selection.Centroid`), cached
     in ``RUN_DIR/task-embedding-<kind>.json``: the mean embedding of its first
     ``CENTROID_TASKS`` meta-train tasks and the ``RADIUS_QUANTILE``th percentile of its
-    meta-validation tasks' distances to it."""
+    meta-validation tasks' distances to it, through the model spec ``probe`` (default:
+    :func:`probe_model` of the run). A cache of another probe than ``probe_name`` is
+    computed again."""
     from metapeft_dist.embed import distance, family_samples, make_embedder, probe_from_job
     from metapeft_dist.job import build_job
     from metapeft_dist.selection import Centroid
@@ -247,11 +269,16 @@ def run_centroid(run_dir: str | Path, kind: str = "task2vec"):
     cache = run_dir / f"task-embedding-{kind}.json"
     try:
         saved = json.loads(cache.read_text())
-        return Centroid(str(run_dir), saved["kind"], saved["probe"],
-                        np.asarray(saved["vector"]), float(saved["radius"]))
+        if probe_name is None or saved["probe"] == probe_name:
+            return Centroid(str(run_dir), saved["kind"], saved["probe"],
+                            np.asarray(saved["vector"]), float(saved["radius"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or damaged: computed again below
-    job = build_job(spec)
+    model = probe if probe is not None else probe_model([spec])
+    algorithm = spec.algorithm  # a hypernetwork's tasks are sampled as any run's
+    if algorithm.name == "hyper":
+        algorithm = dataclasses.replace(algorithm, name="fomaml", hyper=None)
+    job = build_job(dataclasses.replace(spec, model=model, algorithm=algorithm))
     probe = probe_from_job(job)
     embedder = make_embedder(kind, probe)
     train = embedder.embed(family_samples(job, "train", 0, CENTROID_TASKS))
@@ -284,37 +311,44 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
                out_dir: str | Path | None = None, steps: int | None = None,
                holdout: str | Path | None = None, outcomes: str | Path | None = None,
                kind: str = "task2vec") -> dict[str, Any]:
-    """``metapeft adapt --init auto``: embed the task, choose among the candidate runs'
-    meta-learned inits, their standard LoRA init and head-only tuning (by recorded
-    outcomes when ``outcomes`` holds enough for this embedding, else by similarity),
-    adapt from the choice, and say what was chosen and why. With ``holdout`` and
-    ``outcomes`` the result is recorded, so later choices learn from it."""
-    from metapeft_dist.selection import (MIN_RECORDS, Choice, Outcome, OutcomePredictor,
-                                         OutcomeStore, SelectionError, choose_by_similarity)
+    """``metapeft adapt --init auto``: embed the task, choose among the configurations
+    the candidate runs offer (each run's meta-learned init or hypernetwork, the standard
+    init of each of their LoRA configurations, head-only tuning; by recorded outcomes
+    when ``outcomes`` holds enough for this embedding, else by similarity), adapt from
+    the choice, and say what was chosen and why. With ``holdout`` and ``outcomes`` the
+    result is recorded, so later choices learn from it. Tasks are embedded through the
+    candidates' shared encoder's top layer (:func:`probe_model`)."""
+    from metapeft_dist.selection import (MIN_RECORDS, Outcome, OutcomePredictor,
+                                         OutcomeStore, SelectionError, choose_by_similarity,
+                                         configurations, peft_name)
 
     if not candidates:
         raise AdaptError("--init auto needs candidate runs (--candidate RUN_DIR)")
     specs = {str(c): run_spec(c) for c in candidates}
+    if len(specs) != len(candidates):
+        raise AdaptError("a --candidate run is given twice")
+    names = [Path(c).name for c in specs]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise AdaptError(f"two --candidate runs share the directory name {twice[0]}: "
+                         "outcomes name a run's meta-learned init by it")
     if any(s.model.kind != "encoder" for s in specs.values()):
         raise AdaptError("--init auto chooses among encoder runs (task embeddings need a "
                          "classification head)")
-    first = next(iter(specs.values()))
-    task = embed_file(data, first.model, kind)
+    probe = probe_model(list(specs.values()))
+    task = embed_file(data, probe, kind)
     embedding = np.asarray(task["embedding"])
-    centroids = [run_centroid(c, kind) for c in candidates]
-    if len({c.probe for c in centroids} | {task["probe"]}) > 1:
-        raise AdaptError("the candidate runs use different encoders or layers; --init auto "
-                         "compares tasks through one")
+    centroids = [run_centroid(c, kind, probe, task["probe"]) for c in specs]
     store = OutcomeStore(outcomes) if outcomes else None
-    choices = {Choice(str(c), "meta").key: Choice(str(c), "meta") for c in candidates}
-    choices.update({i: Choice(str(candidates[0]), i) for i in ("standard", "head")})
+    choices = configurations(specs)
     try:
         predictor = OutcomePredictor(store.read(kind, task["probe"]) if store else [])
         if predictor.tasks >= MIN_RECORDS:
             key, why, predictions = predictor.choose(embedding, list(choices))
             choice, method, detail = choices[key], "outcomes", predictions
         else:
-            choice, why, detail = choose_by_similarity(embedding, centroids)
+            choice, why, detail = choose_by_similarity(
+                embedding, centroids, {c: peft_name(s.model) for c, s in specs.items()})
             method = "similarity"
             if store is not None:
                 why += f" ({predictor.tasks} recorded tasks; the predictor needs {MIN_RECORDS})"
@@ -379,5 +413,5 @@ def _narrow(meta: Meta, ways: int) -> Meta:
             for group, tree in meta.items()}
 
 
-__all__ = ["AdaptError", "ConfigError", "adapt_task", "load_init", "read_examples",
-           "run_spec"]
+__all__ = ["AdaptError", "ConfigError", "adapt_task", "load_init", "load_run",
+           "read_examples", "run_spec"]

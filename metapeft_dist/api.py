@@ -115,11 +115,11 @@ def adapt_hyper(candidates: Sequence[str | Path], data: str | Path,
 def embed(data: str | Path, run_dir: str | Path | None = None, kind: str = "task2vec",
           learned: str | Path | None = None) -> dict[str, Any]:
     """The task embedding of a JSONL task file (its lines are the support set), through
-    the encoder of ``run_dir``'s spec (default: all-MiniLM-L6-v2's top layer);
-    ``learned`` is the trained network the ``learned`` kind needs."""
-    from metapeft_dist.adapt import embed_file, run_spec
+    the top layer of ``run_dir``'s encoder (default: all-MiniLM-L6-v2), as ``adapt --init
+    auto`` embeds tasks; ``learned`` is the trained network the ``learned`` kind needs."""
+    from metapeft_dist.adapt import embed_file, probe_model, run_spec
 
-    spec = run_spec(run_dir).model if run_dir is not None else None
+    spec = probe_model([run_spec(run_dir)]) if run_dir is not None else None
     return embed_file(data, spec, kind, learned)
 
 
@@ -128,9 +128,9 @@ def fit_embedding(out: str | Path, families: Sequence[str] = ("wordnet", "fortun
     """Train the learned task embedding on the meta-train categories of the shipped text
     ``families`` (through ``run_dir``'s encoder, default all-MiniLM-L6-v2's top layer)
     and save it to ``out`` (for ``embed(..., kind="learned", learned=out)``)."""
-    from metapeft_dist.adapt import fit_learned_embedding, run_spec
+    from metapeft_dist.adapt import fit_learned_embedding, probe_model, run_spec
 
-    spec = run_spec(run_dir).model if run_dir is not None else None
+    spec = probe_model([run_spec(run_dir)]) if run_dir is not None else None
     return fit_learned_embedding(out, families, spec, steps)
 
 

@@ -147,13 +147,14 @@ def build_job(spec: JobSpec) -> Job:
 def _hyper_base(spec: JobSpec, trainable: Params) -> Params:
     """The hypernetwork's base adapters: the standard LoRA init, or the meta-learned
     init of the run ``algorithm.hyper.init`` names (same model; its head is not used)."""
+    # a run of another model is refused below by its adapters' names and shapes
     run = spec.algorithm.hyper.init
     if run is None:
         return trainable
     from metapeft_dist.adapt import AdaptError, load_init
 
     try:
-        _, meta, _ = load_init(run)
+        _, meta, _ = load_init(run, text=False)
     except AdaptError as err:
         raise ValueError(f"algorithm.hyper.init: {err}") from None
     given = meta["params"]

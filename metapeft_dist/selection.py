@@ -1,8 +1,11 @@
 """Choosing how to adapt a new task from its embedding (``metapeft adapt --init auto``).
 
-Configurations (:class:`Choice`) a text task can be adapted with: a finished run's
-meta-learned init (``meta``), the standard LoRA init of the same model (``standard``: A
-random, B zero, fresh head) or tuning the head alone (``head``).
+Configurations (:class:`Choice`) a task can be adapted with: a finished run's
+meta-learned init (``meta``; for a hypernetwork run, the adapters it generates), the
+standard init of a run's PEFT configuration (``standard``: LoRA of that rank, scale and
+layers with A random, B zero and a fresh head; or all weights), or tuning a fresh head
+alone (``head``). Runs with different LoRA configurations of one model give different
+``standard`` configurations, so choosing among them chooses the rank, scale and layers.
 
 Two ways to choose, both explained in what they return:
 
@@ -31,7 +34,6 @@ import numpy as np
 
 from metapeft_dist.embed import distance
 
-INITS = ("meta", "standard", "head")
 MIN_RECORDS = 20  # recorded tasks below which the predictor is not trusted
 NEIGHBOURS = 7
 
@@ -40,21 +42,52 @@ class SelectionError(ValueError):
     """Candidates or records that cannot be used (one line)."""
 
 
+def peft_name(model_spec) -> str:
+    """The PEFT configuration of a model spec, as outcomes name it: ``lora-r4-s2-top1``
+    (rank, scale alpha/r, adapted top layers of a text model) or ``all`` (every weight)."""
+    if model_spec.train != "lora":
+        return "all"
+    lora = model_spec.lora
+    name = f"lora-r{lora.rank}-s{lora.scale:g}"
+    if model_spec.kind in ("encoder", "causal_lm"):
+        name += f"-top{lora.layers}" if lora.layers is not None else "-all"
+        if tuple(lora.targets) != ("query", "value"):
+            name += "-" + "+".join(lora.targets)
+    return name
+
+
 @dataclass(frozen=True)
 class Choice:
-    """A configuration: ``init`` from ``run_dir``'s model (its meta-learned init, its
-    standard LoRA init or its head alone)."""
+    """A configuration: ``init`` from ``run_dir``'s model (its meta-learned init, the
+    standard init of its PEFT configuration ``peft``, or a fresh head alone)."""
 
     run_dir: str
     init: str
+    peft: str = ""
 
     @property
     def key(self) -> str:
         """The name outcomes are recorded under: the meta init by its run's directory
-        name; the standard and head-only configurations by the model they use."""
+        name; the standard init by its PEFT configuration; head-only as ``head``."""
         if self.init == "meta":
             return f"meta:{Path(self.run_dir).name}"
+        if self.init == "standard":
+            return f"standard:{self.peft}"
         return self.init
+
+
+def configurations(runs: dict[str, Any]) -> dict[str, Choice]:
+    """Every configuration the runs ``{run_dir: spec}`` offer: each run's meta-learned
+    init, the standard init of each distinct PEFT configuration among them (from the
+    first run that has it), and head-only tuning."""
+    out: dict[str, Choice] = {}
+    for run_dir, spec in runs.items():
+        for choice in (Choice(str(run_dir), "meta"),
+                       Choice(str(run_dir), "standard", peft_name(spec.model))):
+            out.setdefault(choice.key, choice)
+    if runs:
+        out["head"] = Choice(str(next(iter(runs))), "head")
+    return out
 
 
 @dataclass(frozen=True)
@@ -179,10 +212,12 @@ class Centroid:
                 "vector": [float(v) for v in self.vector]}
 
 
-def choose_by_similarity(embedding: np.ndarray, centroids: Sequence[Centroid]
+def choose_by_similarity(embedding: np.ndarray, centroids: Sequence[Centroid],
+                         peft: dict[str, str] | None = None
                          ) -> tuple[Choice, str, dict[str, float]]:
     """The nearest run's meta-learned init if the task is within its radius, else the
-    standard init of the nearest run's model; with the reason and every distance."""
+    standard init of the nearest run's PEFT configuration (``peft``: run_dir -> name);
+    with the reason and every distance."""
     if not centroids:
         raise SelectionError("no candidate runs to choose from")
     dists = {c.run_dir: distance(embedding, c.vector) for c in centroids}
@@ -193,7 +228,7 @@ def choose_by_similarity(embedding: np.ndarray, centroids: Sequence[Centroid]
         return (Choice(nearest.run_dir, "meta"),
                 f"nearest run {name} (distance {d:.4f} within its radius "
                 f"{nearest.radius:.4f})", dists)
-    return (Choice(nearest.run_dir, "standard"),
+    return (Choice(nearest.run_dir, "standard", (peft or {}).get(nearest.run_dir, "")),
             f"no run's tasks are near: nearest {name} at {d:.4f}, beyond its radius "
             f"{nearest.radius:.4f}; a meta-learned init transfers poorly outside its family",
             dists)

@@ -35,7 +35,7 @@ def _write_task(path, labels, rows=slice(None)):
 
 
 def _run(tmp_path, model: str,
-         algorithm: str = "{name: fomaml, meta_batch: 2, iterations: 4}"):
+         algorithm: str = "{name: fomaml, meta_batch: 2, iterations: 4}", name: str = "run"):
     data = tmp_path / "tasks"
     data.mkdir()
     for i, pair in enumerate([("weather", "food"), ("food", "sport"), ("sport", "weather")]):
@@ -50,7 +50,7 @@ inner: {{steps: 2, lr: 0.5}}
 eval: {{tasks: 2, shots: [2], steps: 2, every: 2, val_tasks: 2, chunk: 2}}
 metrics: {{enabled: false}}
 """)
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / name
     run_job(spec, run_dir)
     return run_dir
 

@@ -108,6 +108,9 @@ BAD = [
     ("", "", "is empty"),
     ("- a\n- b", "", "must be a mapping of sections"),
     ("family: {name: sinusoid\n", "", "not valid YAML at line"),
+    (MINIMAL + "\nfamily: {name: digits}", "", "key 'family' is given twice"),
+    ("family: {name: sinusoid, name: digits}\nalgorithm: {name: maml}", "",
+     "key 'name' is given twice"),
 ]
 
 

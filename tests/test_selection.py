@@ -5,14 +5,16 @@ similarity rule with known answers, the outcome store, and `metapeft embed` /
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 from test_adapt import _cli, _run, _write_task
 
+from metapeft_dist.config import parse_spec
 from metapeft_dist.selection import (Centroid, Choice, Outcome, OutcomePredictor,
                                      OutcomeStore, SelectionError, choose_by_similarity,
-                                     global_best)
+                                     configurations, global_best, peft_name)
 
 
 def _outcome(task, config, accuracy, vector):
@@ -47,10 +49,32 @@ def test_similarity_picks_the_nearest_run_within_its_radius():
     choice, why, dists = choose_by_similarity(np.array([1.0, 0.25, 0.2]), centroids)
     assert choice == Choice("/runs/wordnet", "meta") and "nearest run wordnet" in why
     assert dists["/runs/wordnet"] < dists["/runs/fortunes"]
-    far, why, _ = choose_by_similarity(np.array([0.2, 0.2, 1.0]), centroids)
-    assert far == Choice("/runs/wordnet", "standard") and "beyond its radius" in why
+    far, why, _ = choose_by_similarity(np.array([0.2, 0.2, 1.0]), centroids,
+                                       {"/runs/wordnet": "lora-r4-s2-top1"})
+    assert far == Choice("/runs/wordnet", "standard", "lora-r4-s2-top1")
+    assert "beyond its radius" in why and far.key == "standard:lora-r4-s2-top1"
     assert Choice("/runs/wordnet", "meta").key == "meta:wordnet"
     assert Choice("/runs/wordnet", "head").key == "head"
+
+
+def test_configurations_name_each_peft_configuration_once():
+    def spec(model):
+        return parse_spec(f"family: {{name: wordnet}}\nalgorithm: {{name: fomaml}}\n"
+                          f"model: {model}\n")
+
+    top1 = spec("{kind: encoder, train: lora, lora: {rank: 4, alpha: 8, layers: 1}}")
+    top2 = spec("{kind: encoder, train: lora, lora: {rank: 8, alpha: 8, layers: 2, "
+                "targets: [query, key, value]}}")
+    assert peft_name(top1.model) == "lora-r4-s2-top1"
+    assert peft_name(top2.model) == "lora-r8-s1-top2-query+key+value"
+    digits = parse_spec("family: {name: digits}\nalgorithm: {name: fomaml}\n")
+    assert peft_name(digits.model) == "all"
+    choices = configurations({"/r/a": top1, "/r/b": top1, "/r/c": top2})
+    assert sorted(choices) == ["head", "meta:a", "meta:b", "meta:c", "standard:lora-r4-s2-top1",
+                               "standard:lora-r8-s1-top2-query+key+value"]
+    assert choices["standard:lora-r4-s2-top1"].run_dir == "/r/a"  # the first run that has it
+    assert choices["standard:lora-r8-s1-top2-query+key+value"] == Choice("/r/c", "standard",
+                                                                         "lora-r8-s1-top2-query+key+value")
 
 
 def test_outcome_store_appends_and_names_a_bad_line(tmp_path):
@@ -78,10 +102,11 @@ def encoder_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hyper_run(tmp_path_factory):
+    # another LoRA configuration than encoder_run's: rank 4 on the top two layers
     return _run(tmp_path_factory.mktemp("hyper_run"),
-                "{kind: encoder, train: lora, max_len: 16, lora: {rank: 2, layers: 1}}",
+                "{kind: encoder, train: lora, max_len: 16, lora: {rank: 4, layers: 2}}",
                 "{name: hyper, meta_batch: 2, iterations: 4, "
-                "hyper: {task_dim: 8, hidden: 16, map_rank: 2}}")
+                "hyper: {task_dim: 8, hidden: 16, map_rank: 2}}", name="hyper")
 
 
 def test_adapt_hyper_generates_the_start(tmp_path, encoder_run, hyper_run):
@@ -139,43 +164,60 @@ def test_fit_and_use_the_learned_embedding(tmp_path, encoder_run):
     assert both.returncode == 2 and "or --fit FILE" in both.stderr
 
 
-def test_adapt_auto_chooses_and_says_why(tmp_path, encoder_run):
+def test_adapt_auto_chooses_and_says_why(tmp_path, encoder_run, hyper_run):
     task = _write_task(tmp_path / "task.jsonl", ("food", "sport"), slice(0, 3))
     held = _write_task(tmp_path / "held.jsonl", ("food", "sport"), slice(3, 6))
     outcomes = tmp_path / "outcomes.jsonl"
-    args = ["adapt", "--init", "auto", "--candidate", str(encoder_run), "--data", str(task),
-            "--holdout", str(held), "--steps", "3", "--outcomes", str(outcomes),
-            "--out", str(tmp_path / "adapter"), "--json"]
+    args = ["adapt", "--init", "auto", "--candidate", str(encoder_run), "--candidate",
+            str(hyper_run), "--data", str(task), "--holdout", str(held), "--steps", "3",
+            "--outcomes", str(outcomes), "--out", str(tmp_path / "adapter"), "--json"]
     out = _cli(*args)
     assert out.returncode == 0, out.stderr
     selection = json.loads(out.stdout)["selection"]
     assert selection["method"] == "similarity"
-    assert selection["chosen"] in ("meta:run", "standard") and "radius" in selection["why"]
-    assert (encoder_run / "task-embedding-task2vec.json").is_file()  # the run's centroid
+    assert selection["chosen"] in ("meta:run", "meta:hyper", "standard:lora-r2-s4-top1",
+                                   "standard:lora-r4-s2-top2") and "radius" in selection["why"]
+    # Both runs' centroids, through one probe (MiniLM's top layer at 16 tokens), though
+    # the runs adapt one and two layers.
+    for run in (encoder_run, hyper_run):
+        saved = json.loads((run / "task-embedding-task2vec.json").read_text())
+        assert saved["probe"].endswith(":16:5")
     recorded = OutcomeStore(outcomes).read()
     assert len(recorded) == 1 and recorded[0].config == selection["chosen"]
 
-    # Enough recorded outcomes near this task that say head-only tuning adapts it best:
-    # the predictor follows them.
+    # Enough recorded outcomes near this task that say the standard init of rank 4 on
+    # two layers adapts it best: the predictor follows them, so it chooses the LoRA
+    # rank and layers, and adapts with the run that has that configuration.
     vector = recorded[0].embedding
     rng = np.random.default_rng(0)
     OutcomeStore(outcomes).append(
         Outcome(f"past{i}", config, acc, vector * rng.uniform(0.9, 1.1, vector.shape),
                 "task2vec", recorded[0].probe, 6, 3)
         for i in range(20)
-        for config, acc in (("head", 0.9), ("standard", 0.6), ("meta:run", 0.5)))
+        for config, acc in (("head", 0.7), ("standard:lora-r2-s4-top1", 0.6),
+                            ("standard:lora-r4-s2-top2", 0.9), ("meta:run", 0.5),
+                            ("meta:hyper", 0.8)))
     out = _cli(*args)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert report["selection"]["method"] == "outcomes" and report["selection"]["chosen"] == "head"
-    assert report["start_from"] == "head" and "recorded tasks" in report["selection"]["why"]
-    text = _cli(*args[:-1])
-    assert text.returncode == 0 and text.stdout.startswith("chose head by outcomes: predicted")
+    assert report["selection"]["method"] == "outcomes"
+    assert report["selection"]["chosen"] == "standard:lora-r4-s2-top2"
+    assert report["start_from"] == "standard" and report["run_dir"] == str(hyper_run)
+    assert report["generated"] is False and "recorded tasks" in report["selection"]["why"]
+    # the adapter written has the chosen configuration: rank 4 on layers 4 and 5
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["layers"] == [4, 5] and config["lora_parameters"]["rank"] == 4
+    text = _cli(*args[:-1])  # (the outcomes now hold this task itself, at distance 0)
+    assert text.returncode == 0
+    assert re.match(r"chose \S+ by outcomes: predicted from the 7 nearest of 21 recorded",
+                    text.stdout), text.stdout
 
     with open(outcomes, "a") as f:
         f.write("not json\n")
     bad_cases = [
-        (args[:-1], "outcomes.jsonl:64: not an outcome record"),
+        (args[:-1], "outcomes.jsonl:104: not an outcome record"),
+        (["adapt", "--init", "auto", "--candidate", str(encoder_run), "--candidate",
+          str(encoder_run), "--data", str(task)], "given twice"),
         (["adapt", "--init", "auto", "--data", str(task)], "needs candidate runs"),
         (["adapt", "--init", str(encoder_run), "--candidate", str(encoder_run), "--data",
           str(task)], "--candidate goes with --init auto or --init hyper"),

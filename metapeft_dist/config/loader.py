@@ -18,7 +18,18 @@ from metapeft_dist.config.schema import JobSpec
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants a dot: 1.0e-3)."""
+    """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants a dot: 1.0e-3) and refuses
+    a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(

@@ -257,7 +257,7 @@ class MamlppSpec:
 
 @dataclass(frozen=True)
 class HypernetSpec:
-    """LoRA hypernetwork (Ha et al. 2016; algorithm.name: hyper, model.kind encoder): a
+    """LoRA hypernetwork (Ha et al. 2016; algorithm.name: hyper, model.train lora): a
     task's support set -> a task vector -> the LoRA matrices, each its base matrix plus a
     rank-``map_rank`` map of the task vector; the head is the support set's class
     prototypes (Proto-MAML). Meta-trained first-order through ``inner.steps`` steps."""
@@ -266,7 +266,7 @@ class HypernetSpec:
     hidden: int = documented("width of the task-encoding MLP", default=128)
     map_rank: int = documented("rank of each task-vector -> LoRA-matrix map", default=16)
     init: str | None = documented(
-        "a finished encoder run (same model) whose meta-learned adapters start the base "
+        "a finished run (same model) whose meta-learned adapters start the base "
         "matrices; unset: the standard LoRA init", default=None)
 
     def __post_init__(self) -> None:
@@ -285,7 +285,7 @@ class AlgorithmSpec:
 
     name: Literal["reptile", "fomaml", "maml", "metasgd", "mamlpp", "hyper"] = documented(
         "reptile, fomaml (first-order MAML), maml (second order), metasgd, mamlpp, hyper "
-        "(a LoRA hypernetwork, model.kind encoder)"
+        "(a LoRA hypernetwork, model.train lora)"
     )
     meta_batch: int = documented("tasks per meta-iteration", default=25)
     iterations: int = documented(
@@ -665,10 +665,12 @@ class JobSpec:
             )
             check(
                 self.algorithm.name != "hyper"
-                or (kind == "encoder" and self.model.train == "lora"),
+                or (kind != "causal_lm" and self.model.train == "lora"
+                    and self.family.name != "sinusoid"),
                 "algorithm.name",
-                "hyper generates LoRA adapters for the text encoder: it needs model.kind "
-                "encoder and model.train lora",
+                "hyper generates LoRA adapters and a classification head: it needs "
+                "model.train lora, a model with a head (encoder, mlp or conv) and a "
+                "classification family",
             )
             serial = self.algorithm.reptile is not None and self.algorithm.reptile.serial
             check(

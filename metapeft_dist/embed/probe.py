@@ -59,26 +59,30 @@ class Probe:
     base_names: tuple[str, ...]  # the weights Task2Vec differentiates
     dim: int
 
-    def __post_init__(self) -> None:
-        self._identity = {"head.w": mx.eye(self.dim), "head.b": mx.zeros((self.dim,))}
-        self._model = self.model.with_out_dim(self.dim)  # type: ignore[attr-defined]
-
     def base(self) -> Params:
         return {k: self.params[k] for k in self.base_names}
 
     def forward(self, base: Params, x: mx.array) -> mx.array:
         """Features (..., d) of inputs ``x`` with the base weights ``base``."""
-        return self._model({**self.params, **base, **self._identity}, x)
+        return head_input(self.model, {**self.params, **base}, x, self.dim)
 
     def features(self, x: np.ndarray | mx.array) -> np.ndarray:
         """Features (n, d) of inputs ``x`` (n, ...), float32, computed in chunks."""
         x = mx.array(x)
         out = []
         for start in range(0, x.shape[0], _CHUNK):
-            feats = self._model({**self.params, **self._identity}, x[start:start + _CHUNK])
+            feats = head_input(self.model, self.params, x[start:start + _CHUNK], self.dim)
             mx.eval(feats)
             out.append(np.array(feats.astype(mx.float32)))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def head_input(model, params: Params, x: mx.array, dim: int) -> mx.array:
+    """What the head of ``model`` reads for inputs ``x``: (..., dim), times the model's
+    ``logit_scale``; the model run on ``params`` (any head in them is replaced) with an
+    identity head."""
+    identity = {"head.w": mx.eye(dim), "head.b": mx.zeros((dim,))}
+    return model.with_out_dim(dim)({**params, **identity}, x)
 
 
 def probe_from_model(model, params: Params, name: str) -> Probe:

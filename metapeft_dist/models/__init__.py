@@ -27,6 +27,7 @@ class Model:
     out_dim: int
     lora_rank: int | None = None
     lora_scale: float = 0.0
+    logit_scale = 1.0  # the head's output as it is (the encoder scales its own)
 
     def init(self, key: mx.array) -> Params:
         if self.kind == "mlp":

@@ -50,6 +50,7 @@ class EncoderModel:
     out_dim: int
     texts: tuple[str, ...] = field(compare=False, hash=False, repr=False, default=())
     kind: str = "encoder"
+    logit_scale = LOGIT_SCALE  # the head's output is multiplied by this (not a field)
 
     @property
     def start_layer(self) -> int:
