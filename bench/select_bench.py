@@ -7,8 +7,8 @@ PEFT configuration among the runs (LoRA rank, scale and layers; ``all`` weights 
 digits run), head-only tuning, and, on digits, fine-tuning every weight from the
 pretrained base. A job spec file (.yaml) among the runs adds its PEFT configuration's
 standard init only (a LoRA rank or layer count no run was meta-trained with). Each
-configuration is adapted ``STEPS`` steps at ``SHOTS`` shots and scored on ``QUERY``
-query examples per class, on the same tasks.
+configuration is adapted ``STEPS`` steps at ``SHOTS`` shots and scored on ``--query``
+examples per class (default 15), on the same tasks.
 
 Outcomes are recorded on meta-validation tasks of every family (the predictor's training
 data) and measured on meta-test tasks (held-out categories). Tasks are embedded with
@@ -19,12 +19,18 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
     point of it (the seed's RQ2 hypothesis: >= 90%), against always choosing the single
     best configuration on the recorded tasks (the global choice);
   - mean accuracy of the predictor's pick, the similarity rule's pick (``--init auto``
-    without records; text runs only) and the global choice, paired on the same tasks.
+    without records; text runs only) and the global choice, paired on the same tasks;
+  - the noise ceiling of the first figure: a task's accuracies are measured on
+    ways x QUERY examples (75: one example is 1.3 points), so even a predictor that knew
+    each configuration's expected accuracy would miss the measured best by more than a
+    point on some tasks. Estimated by taking the measured accuracies as the truth,
+    redrawing each as binomial(75, p) / 75 (200 draws), and counting how often the
+    truly best configuration is within 1 point of the redrawn best.
 
 Per-task accuracies are kept in CACHE (default .bench/select-cache/), so adding a run
 re-measures only its configurations.
 
-    python bench/select_bench.py [--tasks N] [--cache DIR] FAMILY[,FAMILY] RUN_OR_SPEC...
+    python bench/select_bench.py [--tasks N] [--query Q] [--cache DIR] FAMILIES RUN_OR_SPEC...
 """
 
 from __future__ import annotations
@@ -81,15 +87,13 @@ def _configurations(sources) -> dict:
 
 
 def _job(spec, family: str):
-    from metapeft_dist.config import from_dict
+    from metapeft_dist.adapt import retarget
     from metapeft_dist.job import build_job
 
-    plain = spec.to_dict()
-    plain["family"] = {**plain["family"], "name": family, "path": None}
-    plain["eval"] = {**plain["eval"], "steps": STEPS}
-    if plain["model"]["kind"] in ("mlp", "conv"):
-        plain["model"]["base"] = "pretrained"  # the pretrained baseline and the probe
-    return build_job(from_dict(plain))
+    overrides = [f"eval.steps={STEPS}"]
+    if spec.model.kind in ("mlp", "conv"):
+        overrides.append("model.base=pretrained")  # the pretrained baseline and the probe
+    return build_job(retarget(spec, family, overrides=overrides))
 
 
 def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: Path) -> dict:
@@ -135,6 +139,18 @@ def embed(probe_job, family: str, split: str, tasks: int) -> tuple[np.ndarray, s
     vectors = make_embedder(KIND, probe).embed(family_samples(job, split, STREAM, tasks, SHOTS))
     print(f"  {family}/{split}: {tasks} embeddings ({time.time() - t0:.0f} s)", flush=True)
     return vectors, probe.name
+
+
+def noise_ceiling(scores: np.ndarray, n: int, draws: int = 200, seed: int = 0) -> float:
+    """Share of (task, draw) where the configuration with the highest accuracy in
+    ``scores`` (tasks, configurations) stays within 1 point of the best after every
+    accuracy is redrawn as binomial(n, p) / n."""
+    rng = np.random.default_rng(seed)
+    truth = scores.argmax(axis=1)
+    redrawn = rng.binomial(n, np.clip(scores, 0, 1), size=(draws, *scores.shape)) / n
+    best = redrawn.max(axis=2)
+    chosen = np.take_along_axis(redrawn, truth[None, :, None].repeat(draws, 0), 2)[..., 0]
+    return float((chosen >= best - 0.01).mean())
 
 
 def bench_select(families: list[str], paths: list[str], tasks: int = 40,
@@ -210,6 +226,12 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
         mean, ci = mean_ci95(np.array(values, dtype=float))
         out[name] = [float(mean), float(ci)]
         print(f"  {name}: {100 * mean:.1f}% ± {100 * ci:.1f}", flush=True)
+    ways = sources[next(iter(sources))][0].family.ways
+    test = np.concatenate([np.array([d["accuracy"][c] for c in configs]).T
+                           for (f, s), d in data.items() if s == "test"])
+    out["noise_ceiling_within_1pt"] = noise_ceiling(test, ways * QUERY)
+    print(f"  noise ceiling (a predictor that knew the expected accuracies): "
+          f"{100 * out['noise_ceiling_within_1pt']:.1f}%", flush=True)
     base = np.array(rows["global"])
     for name, values in rows.items():
         v = np.array(values)
@@ -236,8 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("families", help="comma-separated families, e.g. wordnet,fortunes")
     parser.add_argument("runs", nargs="+", help="run directories or job spec files")
     parser.add_argument("--tasks", type=int, default=40, help="tasks per family and split")
+    parser.add_argument("--query", type=int, default=QUERY, help="query examples per class")
     parser.add_argument("--cache", type=Path, default=None)
     args = parser.parse_args(argv)
+    globals()["QUERY"] = args.query
     result = bench_select(args.families.split(","), args.runs, args.tasks, args.cache)
     print(json.dumps(result, indent=1))
 

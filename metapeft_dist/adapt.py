@@ -366,21 +366,15 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
     return report
 
 
-def evaluate_init(run_dir: str | Path, family: str | None = None, data: str | None = None,
-                  overrides: Sequence[str] = (), on_progress=None) -> dict[str, Any]:
-    """The run's meta-learned init against its baselines on the meta-test tasks of
-    ``family`` (another text family: the cross-domain test), of ``data`` (a directory of
-    your JSONL tasks; its meta-test files), or of the run's own family. ``overrides``
-    (``eval.tasks=100``, ``eval.shots=[1,5]`` ...) apply to the run's spec. Returns a
-    results-shaped dict (``evaluation`` as in results.json)."""
+def retarget(spec: JobSpec, family: str | None = None, data: str | Path | None = None,
+             overrides: Sequence[str] = ()) -> JobSpec:
+    """``spec`` on another family (``family``, or ``data``: a directory of JSONL tasks)
+    with ``overrides`` (``eval.tasks=100`` ...) applied; its heads keep their size."""
     from metapeft_dist.config import from_dict
     from metapeft_dist.config.loader import _apply_override
-    from metapeft_dist.job import build_job
-    from metapeft_dist.runner import evaluate_job
 
     if family is not None and data is not None:
         raise AdaptError("give --family or --data, not both")
-    spec, meta, source = load_init(run_dir)
     plain = spec.to_dict()
     if family is not None or data is not None:
         plain["family"] = {**plain["family"], "name": "jsonl" if data else family,
@@ -394,6 +388,21 @@ def evaluate_init(run_dir: str | Path, family: str | None = None, data: str | No
     if target.family.ways != spec.family.ways:
         raise AdaptError(f"the init has {spec.family.ways} outputs; family.ways must stay "
                          f"{spec.family.ways}")
+    return target
+
+
+def evaluate_init(run_dir: str | Path, family: str | None = None, data: str | None = None,
+                  overrides: Sequence[str] = (), on_progress=None) -> dict[str, Any]:
+    """The run's meta-learned init against its baselines on the meta-test tasks of
+    ``family`` (another text family: the cross-domain test), of ``data`` (a directory of
+    your JSONL tasks; its meta-test files), or of the run's own family. ``overrides``
+    (``eval.tasks=100``, ``eval.shots=[1,5]`` ...) apply to the run's spec. Returns a
+    results-shaped dict (``evaluation`` as in results.json)."""
+    from metapeft_dist.job import build_job
+    from metapeft_dist.runner import evaluate_job
+
+    spec, meta, source = load_init(run_dir)
+    target = retarget(spec, family, data, overrides)
     job = build_job(target)
     progress = on_progress or (lambda *args: None)
     started = time.perf_counter()
