@@ -18,7 +18,7 @@ run: install
 
 test: install
 	$(BIN)/ruff check metapeft_dist tests bench
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: install
 	$(BIN)/python bench/run.py
