@@ -247,7 +247,9 @@ def job_cost(job: Job, selected: Meta, evaluation: dict[str, Any],
     summary = evaluation["shots"][str(shots)]
     inits = summary["inits"]
     step_seconds = adaptation_step_seconds(job, Init("meta", selected, job.frozen), "test",
-                                           shots, spec.eval.steps)
+                                           shots, spec.eval.steps,
+                                           tasks=min(20, spec.eval.tasks))  # a median of
+    # at most 20 tasks, and no more tasks than the evaluation itself adapts
     cost = cost_summary(spend.spend_usd(), step_seconds, spend.rate_usd_per_hour(platform.node()),
                         inits["meta"].get("steps_to_target"),
                         inits.get("random", {}).get("steps_to_target"), summary["target"], shots)
