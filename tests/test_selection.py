@@ -77,6 +77,21 @@ def test_configurations_name_each_peft_configuration_once():
                                                                          "lora-r8-s1-top2-query+key+value")
 
 
+def test_tasks_of_runs_with_other_lora_layers_are_embedded_through_one_top_layer():
+    from metapeft_dist.adapt import AdaptError, probe_model
+
+    def spec(model):
+        return parse_spec(f"family: {{name: wordnet}}\nalgorithm: {{name: fomaml}}\n"
+                          f"model: {model}\n")
+
+    one = spec("{kind: encoder, train: lora, lora: {rank: 4, layers: 1}}")
+    three = spec("{kind: encoder, train: lora, lora: {rank: 8, layers: 3}}")
+    assert probe_model([three, one]).lora.layers == 1
+    shorter = spec("{kind: encoder, train: lora, max_len: 16, lora: {rank: 4, layers: 1}}")
+    with pytest.raises(AdaptError, match="must share one encoder"):
+        probe_model([one, shorter])
+
+
 def test_outcome_store_appends_and_names_a_bad_line(tmp_path):
     store = OutcomeStore(tmp_path / "sub" / "outcomes.jsonl")
     assert store.read() == []
