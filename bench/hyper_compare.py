@@ -5,6 +5,11 @@ CIs. Also the meta-learned and the standard init with the hypernetwork's prototy
 head), which separates what the head gives from what the generated adapters give.
 
     python bench/hyper_compare.py HYPER_RUN META_RUN [TASKS]
+    python bench/hyper_compare.py --prune 0.2,0.4,0.6 HYPER_RUN [TASKS]
+
+``--prune``: the dynamic-rank sweep. The hypernetwork run's generator with each
+fraction as ``algorithm.hyper.prune`` (directions below it dropped), on the same tasks:
+accuracy after 0 and 10 steps and the mean rank the tasks get, per adapted layer.
 """
 
 from __future__ import annotations
@@ -74,8 +79,44 @@ def compare(hyper_run: str, meta_run: str, tasks: int = 60) -> dict:
     return out
 
 
+def prune_sweep(hyper_run: str, fractions: list[float], tasks: int = 60) -> dict:
+    import dataclasses
+
+    import numpy as np
+
+    from metapeft_dist.algorithms.hyper import ranks
+    from metapeft_dist.job import to_mx
+
+    spec, checkpoint = load_run(hyper_run, text=False)
+    out: dict = {}
+    for fraction in [0.0, *fractions]:
+        pruned = dataclasses.replace(spec, algorithm=dataclasses.replace(
+            spec.algorithm, hyper=dataclasses.replace(spec.algorithm.hyper, prune=fraction)))
+        job = build_job(pruned)
+        init = Init("hyper", checkpoint.meta, checkpoint.frozen or job.frozen)
+        evaluator = Evaluator(job, STEPS)
+        row: dict = {}
+        for shots in (1, 5):
+            curves = evaluator.curves(init, "test", shots, tasks, shots, 20)
+            sx, sy, _, _ = to_mx(job.episodes("test", shots, range(tasks), shots))
+            kept = [ranks(job.algorithm.generate(init.meta, job.loss_fn(init.frozen),  # type: ignore
+                                                 sx[i], sy[i])) for i in range(tasks)]
+            mean, ci = mean_ci95(curves)
+            row[str(shots)] = {"mean": mean[[0, STEPS]].tolist(), "ci95": ci[[0, STEPS]].tolist(),
+                               "rank": {k: float(np.mean([r[k] for r in kept])) for k in kept[0]}}
+            print(f"prune {fraction:.2f} {shots}-shot: {100 * mean[0]:.1f} ± {100 * ci[0]:.1f} "
+                  f"(0 steps), {100 * mean[STEPS]:.1f} ± {100 * ci[STEPS]:.1f} ({STEPS} steps); "
+                  f"mean rank {row[str(shots)]['rank']}", flush=True)
+        out[str(fraction)] = row
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    args = sys.argv[1:]
+    if args[:1] == ["--prune"] and len(args) >= 3:
+        print(json.dumps(prune_sweep(args[2], [float(f) for f in args[1].split(",")],
+                                     int(args[3]) if len(args) > 3 else 60)))
+    elif len(args) >= 2:
+        print(json.dumps(compare(args[0], args[1], int(args[2]) if len(args) > 2 else 60)))
+    else:
         sys.exit(__doc__)
-    print(json.dumps(compare(sys.argv[1], sys.argv[2],
-                             int(sys.argv[3]) if len(sys.argv) > 3 else 60)))

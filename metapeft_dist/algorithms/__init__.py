@@ -30,7 +30,8 @@ def make_algorithm(spec) -> MetaAlgorithm:
         from metapeft_dist.algorithms.hyper import Hyper
 
         o = a.hyper
-        return Hyper(*common, task_dim=o.task_dim, hidden=o.hidden, map_rank=o.map_rank)
+        return Hyper(*common, task_dim=o.task_dim, hidden=o.hidden, map_rank=o.map_rank,
+                     prune=o.prune)
     raise ValueError(f"unknown algorithm {a.name!r}")
 
 

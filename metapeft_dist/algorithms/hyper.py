@@ -45,6 +45,13 @@ matrices of n_M entries each: (2d h + h) + (h m_t + m_t) + sum_M (n_M m + m m_t)
 plus the base matrices. For MiniLM (d = 384), rank 4 on the top layer's query and value
 (four matrices of 1536 entries) and the defaults (h = 128, m_t = 64, m = 16): 217k.
 
+**Dynamic rank** (``prune`` > 0; AdaLoRA's idea, Zhang et al. 2023, with the magnitude
+of each direction as its importance instead of AdaLoRA's sensitivity scores): a LoRA
+update B A is a sum of rank-1 directions a_i b_i; those with |a_i| |b_i| below ``prune``
+times the largest in their matrix are dropped. Both factors of a dropped direction are
+zero, so its gradient is zero and it stays dropped while the task adapts: the rank a
+task gets is the number kept, decided by the generator from its support set.
+
 **Outer gradient.** First-order through the ``inner.steps`` inner steps (d phi_k /
 d phi_0 = I) and exact through the generator: the vjp of the generator with the query-
 loss gradient at the adapted parameters (at 0 inner steps, the exact gradient).
@@ -97,6 +104,33 @@ def generate_adapters(hyper: Params, base: Params, t: mx.array) -> Params:
             for name, m0 in base.items()}
 
 
+def prune_rank(adapters: Params, fraction: float) -> Params:
+    """The adapters with every rank-1 direction (column i of ``X.lora_a``, row i of
+    ``X.lora_b``) whose |a_i| |b_i| is below ``fraction`` times its matrix's largest set
+    to zero in both factors."""
+    out = dict(adapters)
+    for name in adapters:
+        if not name.endswith(".lora_a"):
+            continue
+        pair = name[: -len("lora_a")] + "lora_b"
+        a, b = adapters[name], adapters[pair]
+        importance = mx.stop_gradient(mx.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=1)))
+        keep = (importance >= fraction * importance.max()).astype(a.dtype)
+        out[name], out[pair] = a * keep[None, :], b * keep[:, None]
+    return out
+
+
+def ranks(adapters: Params) -> dict[str, int]:
+    """The rank of each LoRA update (directions with a non-zero a_i and b_i)."""
+    out = {}
+    for name in adapters:
+        if name.endswith(".lora_a"):
+            a, b = adapters[name], adapters[name[: -len("lora_a")] + "lora_b"]
+            live = (mx.abs(a).sum(axis=0) > 0) & (mx.abs(b).sum(axis=1) > 0)
+            out[name[: -len(".lora_a")]] = int(live.sum().item())
+    return out
+
+
 def proto_head(z: mx.array, y: mx.array, ways: int, scale: float | mx.array,
                logit_scale: float = 1.0) -> Params:
     """The nearest-prototype head on head inputs z (n, d) (already divided by the
@@ -114,9 +148,10 @@ class Hyper(MAML):
     name = "hyper"
 
     def __init__(self, inner_steps, inner_lr, inner_optimizer, task_dim: int = 64,
-                 hidden: int = 128, map_rank: int = 16):
+                 hidden: int = 128, map_rank: int = 16, prune: float = 0.0):
         super().__init__(inner_steps, inner_lr, inner_optimizer, first_order=True)
         self.task_dim, self.hidden, self.map_rank = task_dim, hidden, map_rank
+        self.prune = prune
 
     def init_hyper(self, key: mx.array, params: Params) -> Meta:
         """Meta-parameters of a fresh hypernetwork whose output is ``params``' adapters
@@ -148,6 +183,8 @@ class Hyper(MAML):
         t = task_vector(hyper, probe, y, ways)
         adapters = generate_adapters(hyper, {k: v for k, v in params.items() if is_adapter(k)},
                                      t)
+        if self.prune > 0:
+            adapters = prune_rank(adapters, self.prune)
         z = head_input(model, {**base, **adapters}, x, dim) / model.logit_scale
         scale = mx.exp(hyper["metric.log_scale"]) / mx.mean((z * z).sum(axis=-1))
         return {**adapters, **proto_head(z, y, ways, scale, model.logit_scale)}

@@ -265,6 +265,11 @@ class HypernetSpec:
     task_dim: int = documented("length of the task vector", default=64)
     hidden: int = documented("width of the task-encoding MLP", default=128)
     map_rank: int = documented("rank of each task-vector -> LoRA-matrix map", default=16)
+    prune: float = documented(
+        "dynamic rank: drop each generated rank-1 direction a_i b_i of a LoRA update whose "
+        "norm |a_i| |b_i| is below this fraction of its matrix's largest (it then stays "
+        "zero while adapting: a task's rank is what is kept); 0: keep every direction",
+        default=0.0)
     init: str | None = documented(
         "a finished run (same model) whose meta-learned adapters start the base "
         "matrices; unset: the standard LoRA init", default=None)
@@ -274,6 +279,7 @@ class HypernetSpec:
             for name in ("task_dim", "hidden", "map_rank"):
                 value = getattr(self, name)
                 check(value >= 1, name, f"must be >= 1, got {value}")
+            check(0.0 <= self.prune < 1.0, "prune", f"must be in [0, 1), got {self.prune}")
 
 
 ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd", "mamlpp", "hyper")

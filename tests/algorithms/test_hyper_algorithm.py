@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metapeft_dist.algorithms.hyper import proto_head
+from metapeft_dist.algorithms.hyper import proto_head, prune_rank, ranks
 from metapeft_dist.config import ConfigError, load_spec, parse_spec
 from metapeft_dist.job import build_job, to_mx
 from metapeft_dist.models.encoder import LOGIT_SCALE
@@ -152,6 +152,43 @@ def test_proto_head_is_the_nearest_prototype_classifier():
     np.testing.assert_allclose(logits - 4.0 * (points ** 2).sum(-1, keepdims=True),
                                -4.0 * distances, rtol=1e-4, atol=1e-4)
     assert (logits.argmax(-1) == distances.argmin(-1)).all()
+
+
+def test_dynamic_rank_drops_weak_directions_and_they_stay_dropped():
+    # directions' norms: |a_i| = 1, 2, 3 and |b_i| = 3, 1, 1 -> importance 3, 2, 3
+    a = mx.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    b = mx.array([[3.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    adapters = {"l.lora_a": a, "l.lora_b": b, "head.w": mx.ones((2, 2))}
+    kept = prune_rank(adapters, 0.8)  # below 0.8 x 3 = 2.4: the middle one
+    np.testing.assert_array_equal(np.array(kept["l.lora_a"]), np.diag([1.0, 0.0, 3.0]))
+    np.testing.assert_array_equal(np.array(kept["l.lora_b"]), [[3, 0], [0, 0], [1, 0]])
+    assert ranks(kept) == {"l": 2} and ranks(adapters) == {"l": 3}
+    assert ranks(prune_rank(adapters, 0.5)) == {"l": 3}
+    assert mx.array_equal(kept["head.w"], adapters["head.w"])
+
+    # the loss of x -> x A B: a dropped direction's gradient is zero in both factors
+    def loss(p):
+        return ((mx.ones((4, 3)) @ p["l.lora_a"] @ p["l.lora_b"]) ** 2).sum()
+
+    grad = mx.grad(loss)(kept)
+    assert not mx.any(grad["l.lora_a"][:, 1]).item() and not mx.any(grad["l.lora_b"][1]).item()
+    assert mx.any(grad["l.lora_a"][:, 0]).item()
+
+
+def test_hyper_with_prune_generates_fewer_directions(job, batch):
+    from metapeft_dist.algorithms.hyper import Hyper
+
+    sx, sy, _, _ = (a[0] for a in batch)
+    meta = _perturbed(job.initial_meta, size=0.5)
+    # the base B is zero, so every direction is the generated one
+    pruned = Hyper(0, 0.1, job.algorithm.inner_optimizer, prune=0.9)
+    full = job.algorithm.generate(meta, job.loss_fn(), sx, sy)
+    kept = pruned.generate(meta, job.loss_fn(), sx, sy)
+    assert set(ranks(full).values()) == {4}
+    expected = prune_rank({k: v for k, v in full.items() if is_adapter(k)}, 0.9)
+    for name, value in expected.items():
+        assert mx.array_equal(kept[name], value)
+    assert 2 <= sum(ranks(kept).values()) < 8, ranks(kept)
 
 
 def _query_loss(job, meta, task, steps):
