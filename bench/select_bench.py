@@ -36,7 +36,6 @@ re-measures only its configurations.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -155,7 +154,7 @@ def noise_ceiling(scores: np.ndarray, n: int, draws: int = 200, seed: int = 0) -
 
 def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                  cache: Path | None = None) -> dict:
-    from metapeft_dist.adapt import probe_model, run_centroid
+    from metapeft_dist.adapt import probe_model, probe_spec, run_centroid
     from metapeft_dist.evaluate import mean_ci95
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
                                          global_best, peft_name)
@@ -167,17 +166,10 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     specs = [spec for spec, _ in sources.values()]
     text = all(s.model.kind == "encoder" for s in specs)
     first = specs[0]
-    if text:
-        probe_spec = dataclasses.replace(first, model=probe_model(specs))
-        if probe_spec.algorithm.name == "hyper":
-            probe_spec = dataclasses.replace(
-                probe_spec, algorithm=dataclasses.replace(first.algorithm, name="fomaml",
-                                                          hyper=None))
-    else:
-        probe_spec = first
+    through = probe_spec(first, probe_model(specs) if text else first.model)
 
     def probe_job(family):
-        return _job(probe_spec, family)
+        return _job(through, family)
 
     data = {}
     for family in families:

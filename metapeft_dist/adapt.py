@@ -252,6 +252,15 @@ def probe_model(specs: Sequence[JobSpec]):
     return dataclasses.replace(model, lora=dataclasses.replace(model.lora, layers=1))
 
 
+def probe_spec(spec: JobSpec, model) -> JobSpec:
+    """``spec`` with the probe's model spec ``model``, as a plain meta-learning job (a
+    hypernetwork run's tasks are sampled as any run's; no hypernetwork is built)."""
+    algorithm = spec.algorithm
+    if algorithm.name == "hyper":
+        algorithm = dataclasses.replace(algorithm, name="fomaml", hyper=None)
+    return dataclasses.replace(spec, model=model, algorithm=algorithm)
+
+
 def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
                  probe_name: str | None = None):
     """Where a text run's tasks lie (:class:`metapeft_dist.selection.Centroid`), cached
@@ -274,11 +283,7 @@ def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
                             np.asarray(saved["vector"]), float(saved["radius"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or damaged: computed again below
-    model = probe if probe is not None else probe_model([spec])
-    algorithm = spec.algorithm  # a hypernetwork's tasks are sampled as any run's
-    if algorithm.name == "hyper":
-        algorithm = dataclasses.replace(algorithm, name="fomaml", hyper=None)
-    job = build_job(dataclasses.replace(spec, model=model, algorithm=algorithm))
+    job = build_job(probe_spec(spec, probe if probe is not None else probe_model([spec])))
     probe = probe_from_job(job)
     embedder = make_embedder(kind, probe)
     train = embedder.embed(family_samples(job, "train", 0, CENTROID_TASKS))
