@@ -154,7 +154,7 @@ def noise_ceiling(scores: np.ndarray, n: int, draws: int = 200, seed: int = 0) -
 
 def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                  cache: Path | None = None) -> dict:
-    from metapeft_dist.adapt import probe_model, probe_spec, run_centroid
+    from metapeft_dist.adapt import probe_model, probe_spec, run_centroid, run_evaluation
     from metapeft_dist.evaluate import mean_ci95
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
                                          global_best, peft_name)
@@ -189,6 +189,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     centroids = ([run_centroid(r, KIND, probe_model(specs), data[(families[0], "val")]["probe"])
                   for r in runs] if text else [])
     peft = {p: peft_name(spec.model) for p, (spec, _) in sources.items()}
+    evaluations = {r: e for r in runs if (e := run_evaluation(r, SHOTS)) is not None}
 
     rows: dict[str, list[float]] = {"predictor": [], "global": [], "oracle": []}
     if centroids:
@@ -205,7 +206,8 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
             rows["global"].append(scores[best_global])
             rows["oracle"].append(best)
             if centroids:
-                choice, _, _ = choose_by_similarity(d["embeddings"][i], centroids, peft)
+                choice, _, _ = choose_by_similarity(d["embeddings"][i], centroids, peft,
+                                                    evaluations)
                 rows["similarity"].append(scores[choice.key])
             hits_predictor.append(scores[pick] >= best - 0.01)
             hits_global.append(scores[best_global] >= best - 0.01)

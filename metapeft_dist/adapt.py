@@ -295,6 +295,19 @@ def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
     return centroid
 
 
+def run_evaluation(run_dir: str | Path, shots: int) -> tuple[float, float] | None:
+    """(meta-learned init, standard init) accuracy after the run's own evaluation steps
+    on its meta-test tasks, at the evaluated shot count nearest ``shots``; None without
+    a results.json that has both."""
+    try:
+        evaluation = json.loads((Path(run_dir) / "results.json").read_text())["evaluation"]
+        nearest = min(evaluation["shots"], key=lambda s: (abs(int(s) - shots), int(s)))
+        inits = evaluation["shots"][nearest]["inits"]
+        return float(inits["meta"]["mean"][-1]), float(inits["random"]["mean"][-1])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
 def adapt_hyper(candidates: Sequence[str | Path], data: str | Path,
                 out_dir: str | Path | None = None, steps: int | None = None,
                 holdout: str | Path | None = None) -> dict[str, Any]:
@@ -352,8 +365,11 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
             key, why, predictions = predictor.choose(embedding, list(choices))
             choice, method, detail = choices[key], "outcomes", predictions
         else:
+            shots = max(1, round(task["examples"] / len(task["labels"])))
+            evaluations = {c: e for c in specs if (e := run_evaluation(c, shots)) is not None}
             choice, why, detail = choose_by_similarity(
-                embedding, centroids, {c: peft_name(s.model) for c, s in specs.items()})
+                embedding, centroids, {c: peft_name(s.model) for c, s in specs.items()},
+                evaluations)
             method = "similarity"
             if store is not None:
                 why += f" ({predictor.tasks} recorded tasks; the predictor needs {MIN_RECORDS})"

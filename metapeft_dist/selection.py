@@ -16,10 +16,13 @@ Two ways to choose, both explained in what they return:
   predicted configuration is chosen (Task2Vec's model selection, Achille et al. 2019,
   as nearest-neighbour regression);
 * **by similarity** (:func:`choose_by_similarity`), when too few outcomes are recorded:
-  the run whose meta-train tasks' centroid is nearest, if the new task lies within that
-  run's own radius (the 90th percentile of its held-out tasks' distances to the
-  centroid); else the standard init, since a meta-learned init transfers poorly outside
-  its family (measured: -3 to -5 points across WordNet and fortunes).
+  among the runs the new task lies near (within a run's own radius: the 90th percentile
+  of its held-out tasks' distances to its meta-train centroid), the one whose own
+  held-out evaluation is best (several runs of one family: a hypernetwork and a FOMAML
+  init), and its standard init instead when that evaluation found its meta-learned init
+  worse than the standard one (meta-overfitting, as on fortune topics); near no run, the
+  standard init, since a meta-learned init transfers poorly outside its family
+  (measured: -3 to -5 points across WordNet and fortunes).
 """
 
 from __future__ import annotations
@@ -213,21 +216,39 @@ class Centroid:
 
 
 def choose_by_similarity(embedding: np.ndarray, centroids: Sequence[Centroid],
-                         peft: dict[str, str] | None = None
+                         peft: dict[str, str] | None = None,
+                         evaluations: dict[str, tuple[float, float]] | None = None
                          ) -> tuple[Choice, str, dict[str, float]]:
-    """The nearest run's meta-learned init if the task is within its radius, else the
-    standard init of the nearest run's PEFT configuration (``peft``: run_dir -> name);
-    with the reason and every distance."""
+    """Among the runs whose radius holds the task, the one with the best own held-out
+    accuracy (``evaluations``: run_dir -> (meta-learned init, standard init) accuracy;
+    runs without one rank by distance) and its meta-learned init, or its standard init
+    when its evaluation found that better; near no run, the standard init of the
+    nearest run's PEFT configuration (``peft``: run_dir -> name). With the reason and
+    every distance."""
     if not centroids:
         raise SelectionError("no candidate runs to choose from")
     dists = {c.run_dir: distance(embedding, c.vector) for c in centroids}
     nearest = min(centroids, key=lambda c: dists[c.run_dir])
-    d = dists[nearest.run_dir]
-    name = Path(nearest.run_dir).name
-    if d <= nearest.radius:
-        return (Choice(nearest.run_dir, "meta"),
-                f"nearest run {name} (distance {d:.4f} within its radius "
-                f"{nearest.radius:.4f})", dists)
+    evaluations = evaluations or {}
+    near = [c for c in centroids if dists[c.run_dir] <= c.radius]
+    if near:
+        scored = [c for c in near if c.run_dir in evaluations]
+        best = (max(scored, key=lambda c: evaluations[c.run_dir][0]) if scored
+                else min(near, key=lambda c: dists[c.run_dir]))
+        d, name = dists[best.run_dir], Path(best.run_dir).name
+        why = f"run {name}'s tasks are near (distance {d:.4f} within its radius {best.radius:.4f})"
+        if best.run_dir not in evaluations:
+            return Choice(best.run_dir, "meta"), why, dists
+        meta, standard = evaluations[best.run_dir]
+        why += (f"; its own held-out evaluation: meta-learned init {100 * meta:.1f}%, "
+                f"standard init {100 * standard:.1f}%")
+        if len(near) > 1:
+            why += f", the best of the {len(near)} runs near"
+        if meta < standard:
+            return (Choice(best.run_dir, "standard", (peft or {}).get(best.run_dir, "")),
+                    why + ": the standard init", dists)
+        return Choice(best.run_dir, "meta"), why, dists
+    d, name = dists[nearest.run_dir], Path(nearest.run_dir).name
     return (Choice(nearest.run_dir, "standard", (peft or {}).get(nearest.run_dir, "")),
             f"no run's tasks are near: nearest {name} at {d:.4f}, beyond its radius "
             f"{nearest.radius:.4f}; a meta-learned init transfers poorly outside its family",

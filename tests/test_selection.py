@@ -47,7 +47,7 @@ def test_similarity_picks_the_nearest_run_within_its_radius():
     centroids = [Centroid("/runs/wordnet", "task2vec", "p", np.array([1.0, 0.2, 0.2]), 0.1),
                  Centroid("/runs/fortunes", "task2vec", "p", np.array([0.2, 1.0, 0.2]), 0.1)]
     choice, why, dists = choose_by_similarity(np.array([1.0, 0.25, 0.2]), centroids)
-    assert choice == Choice("/runs/wordnet", "meta") and "nearest run wordnet" in why
+    assert choice == Choice("/runs/wordnet", "meta") and "run wordnet's tasks are near" in why
     assert dists["/runs/wordnet"] < dists["/runs/fortunes"]
     far, why, _ = choose_by_similarity(np.array([0.2, 0.2, 1.0]), centroids,
                                        {"/runs/wordnet": "lora-r4-s2-top1"})
@@ -55,6 +55,44 @@ def test_similarity_picks_the_nearest_run_within_its_radius():
     assert "beyond its radius" in why and far.key == "standard:lora-r4-s2-top1"
     assert Choice("/runs/wordnet", "meta").key == "meta:wordnet"
     assert Choice("/runs/wordnet", "head").key == "head"
+
+
+def test_similarity_weighs_the_runs_own_evaluations():
+    wordnet = np.array([1.0, 0.2, 0.2])
+    centroids = [Centroid("/runs/fomaml", "task2vec", "p", wordnet, 0.1),
+                 Centroid("/runs/hyper", "task2vec", "p", wordnet, 0.1),
+                 Centroid("/runs/fortunes", "task2vec", "p", np.array([0.2, 1.0, 0.2]), 0.1)]
+    peft = {"/runs/fomaml": "lora-r4-s2-top1", "/runs/fortunes": "lora-r4-s2-top1",
+            "/runs/hyper": "lora-r4-s2-top1"}
+    evaluations = {"/runs/fomaml": (0.727, 0.608), "/runs/hyper": (0.767, 0.608),
+                   "/runs/fortunes": (0.556, 0.611)}
+    # two runs of the task's family: the one whose own held-out evaluation is better
+    choice, why, _ = choose_by_similarity(np.array([1.0, 0.25, 0.2]), centroids, peft,
+                                          evaluations)
+    assert choice == Choice("/runs/hyper", "meta")
+    assert "meta-learned init 76.7%" in why and "the best of the 2 runs near" in why
+    # near a run whose meta-learned init lost to the standard init on its own tasks
+    choice, why, _ = choose_by_similarity(np.array([0.2, 1.05, 0.2]), centroids, peft,
+                                          evaluations)
+    assert choice == Choice("/runs/fortunes", "standard", "lora-r4-s2-top1")
+    assert why.endswith("standard init 61.1%: the standard init")
+    # without evaluations: the nearest run near
+    assert choose_by_similarity(np.array([0.2, 1.05, 0.2]), centroids)[0] == Choice(
+        "/runs/fortunes", "meta")
+
+
+def test_run_evaluation_reads_the_nearest_evaluated_shot_count(tmp_path):
+    from metapeft_dist.adapt import run_evaluation
+
+    def summary(meta, random):
+        return {"inits": {"meta": {"mean": [0.2, meta]}, "random": {"mean": [0.2, random]}}}
+
+    (tmp_path / "results.json").write_text(json.dumps({"evaluation": {"shots": {
+        "1": summary(0.5, 0.4), "5": summary(0.7, 0.6)}}}))
+    assert run_evaluation(tmp_path, 1) == (0.5, 0.4)
+    assert run_evaluation(tmp_path, 4) == (0.7, 0.6)
+    assert run_evaluation(tmp_path, 3) == (0.5, 0.4)  # a tie goes to the fewer shots
+    assert run_evaluation(tmp_path / "none", 5) is None
 
 
 def test_configurations_name_each_peft_configuration_once():
