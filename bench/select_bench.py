@@ -70,13 +70,15 @@ def _sources(paths: list[str]) -> dict[str, tuple[object, object]]:
 
 
 def _configurations(sources) -> dict:
-    """{key: (source path, init)} as metapeft_dist.selection names them."""
-    from metapeft_dist.selection import Choice, peft_name
+    """{key: (source path, init)}: metapeft_dist.selection.configurations of the runs,
+    plus the standard init of each spec file's PEFT configuration and, for the MLP or
+    conv net, full fine-tuning from the pretrained base."""
+    from metapeft_dist.selection import Choice, configurations, peft_name
 
-    out: dict[str, tuple[str, str]] = {}
-    for path, (spec, checkpoint) in sources.items():
-        if checkpoint is not None:
-            out.setdefault(Choice(path, "meta").key, (path, "meta"))
+    runs = {p: spec for p, (spec, checkpoint) in sources.items() if checkpoint is not None}
+    out = {key: (c.run_dir, c.init) for key, c in configurations(runs).items()
+           if key != "head"}
+    for path, (spec, _) in sources.items():
         out.setdefault(Choice(path, "standard", peft_name(spec.model)).key, (path, "standard"))
     first = next(iter(sources))
     out["head"] = (first, "head")
