@@ -34,6 +34,16 @@ def task_rng(seed: int, split: str, iteration: int, index: int) -> np.random.Gen
     return np.random.default_rng([seed, SPLIT_IDS[split], iteration, index])
 
 
+def distinct(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
+    """``n`` distinct items of ``pool``: the first ``n`` of a random permutation. A task's
+    first items (its support set) are the same however many are drawn, so evaluating
+    with more query examples scores the same support sets (``rng.choice(..., n,
+    replace=False)`` draws a different sample for every ``n``)."""
+    if n > len(pool):
+        raise ValueError(f"cannot draw {n} distinct items from {len(pool)}")
+    return pool[rng.permutation(len(pool))[:n]]
+
+
 @dataclass(frozen=True)
 class Episode:
     """One task (arrays (n, ...)) or a stack of tasks (arrays (tasks, n, ...)).
@@ -75,3 +85,4 @@ def sample_batch(family: TaskFamily, seed: int, split: str, iteration: int,
     """The tasks ``(seed, split, iteration, i)`` for i in ``indices``, stacked."""
     return stack([family.sample(TaskKey(seed, split, iteration, i), shots, query)
                   for i in indices])
+

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from metapeft_dist.tasks.base import Episode, TaskKey
+from metapeft_dist.tasks.base import Episode, TaskKey, distinct
 from metapeft_dist.tasks.catalog import FAMILIES
 
 SPLIT_DIGITS = {"train": (0, 1, 2, 3, 4), "val": (5, 6), "test": (7, 8, 9)}
@@ -72,7 +72,7 @@ class Digits:
         per_class = []
         for cls in chosen:
             images = self.classes[pool[cls]]
-            per_class.append(images[rng.choice(len(images), size=shots + query, replace=False)])
+            per_class.append(distinct(rng, images, shots + query))
         if self.augment and key.split == "train":
             # One shift per class, drawn after the images so an augmented episode is the
             # plain one moved: a new variant of each class, not noise within it (task

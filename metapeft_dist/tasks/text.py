@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from metapeft_dist.config import ConfigError
-from metapeft_dist.tasks.base import Episode, TaskKey
+from metapeft_dist.tasks.base import Episode, TaskKey, distinct
 from metapeft_dist.tasks.catalog import FAMILIES, SPLITS
 
 DATA_FILE = Path(__file__).resolve().parents[1] / "data" / "text_tasks.json.gz"
@@ -100,12 +100,10 @@ def split_categories(names: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 
 def draw(rng: np.random.Generator, classes: tuple[int, ...], members: list[np.ndarray],
          ways: int, shots: int, query: int) -> Episode:
-    """``ways`` of ``classes``, ``shots + query`` distinct texts of each; labels by draw order."""
+    """``ways`` of ``classes``, ``shots + query`` distinct texts of each; labels by draw order.
+    The support set does not depend on ``query`` (see ``distinct``)."""
     chosen = rng.choice(len(classes), size=ways, replace=False)
-    picked = []
-    for c in chosen:
-        pool = members[classes[c]]
-        picked.append(pool[rng.choice(len(pool), size=shots + query, replace=False)])
+    picked = [distinct(rng, members[classes[c]], shots + query) for c in chosen]
     labels = np.arange(ways, dtype=np.int32)
     return Episode(
         np.concatenate([p[:shots] for p in picked]), np.repeat(labels, shots),

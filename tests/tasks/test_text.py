@@ -267,3 +267,18 @@ def test_spec_checks_for_text_families(family, message):
     with pytest.raises(ConfigError) as err:
         parse_spec(f"family: {family}\nalgorithm: {{name: maml}}\n")
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("source", [*SHIPPED, "digits", "jsonl"])
+def test_support_set_does_not_depend_on_the_query_size(source, task_dir):
+    """Evaluating with more query examples must score the same tasks: the support set
+    and the first query examples are those of the smaller draw."""
+    fam = make_family(FamilySpec(name=source, ways=2, shots=2, query=3,
+                                 path=str(task_dir) if source == "jsonl" else None))
+    for i in range(5):
+        key = TaskKey(0, "test", 100, i)
+        small, large = fam.sample(key, 2, 1), fam.sample(key, 2, 4)
+        np.testing.assert_array_equal(small.support_x, large.support_x)
+        np.testing.assert_array_equal(small.support_y, large.support_y)
+        # per class, the one query example is the first of the four
+        np.testing.assert_array_equal(small.query_x, large.query_x[::4])
