@@ -21,10 +21,12 @@ Z95 = 1.959963984540054
 
 class Evaluator:
     """Adapts an init for ``steps`` steps on many tasks at once and records the query
-    metric after every step (0 .. steps); with ``with_loss`` also the query loss after
-    the last step (meta-validation reports both)."""
+    metric after every step (0 .. steps), or with ``final_only`` after the last step
+    alone (a column of one: scoring a large query set 11 times costs more than 10
+    steps); with ``with_loss`` also the query loss after the last step
+    (meta-validation reports both)."""
 
-    def __init__(self, job: Job, steps: int, with_loss: bool = False):
+    def __init__(self, job: Job, steps: int, with_loss: bool = False, final_only: bool = False):
         self.job = job
         self.steps = steps
         self.with_loss = with_loss
@@ -36,7 +38,8 @@ class Evaluator:
             loss_fn = TaskLoss(model, frozen, objective.loss)
 
             trajectory = algorithm.adapt(shared["meta"], loss_fn, sx, sy, steps)
-            values = [objective.metric(model({**frozen, **p}, qx), qy) for p in trajectory]
+            scored = trajectory[-1:] if final_only else trajectory
+            values = [objective.metric(model({**frozen, **p}, qx), qy) for p in scored]
             if with_loss:
                 values.append(loss_fn(trajectory[-1], qx, qy))
             return mx.stack(values)
@@ -48,8 +51,9 @@ class Evaluator:
 
     def curves(self, init: Init, split: str, shots: int, tasks: int, stream: int,
                chunk: int, query: int | None = None) -> np.ndarray:
-        """Metric after 0..steps adaptation steps, shape (tasks, steps + 1); with
-        ``with_loss`` one more column, the query loss after the last step."""
+        """Metric after 0..steps adaptation steps, shape (tasks, steps + 1) (with
+        ``final_only`` (tasks, 1)); with ``with_loss`` one more column, the query loss
+        after the last step."""
         shared = {"meta": init.meta, "frozen": init.frozen}
         out = []
         for start in range(0, tasks, chunk):

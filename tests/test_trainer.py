@@ -110,6 +110,11 @@ def test_sinusoid_maml_learns_an_init_that_adapts_in_one_step():
     # Paired, same 100 held-out tasks: after one step the meta-learned init is far better
     # (measured 1.35 vs 4.07).
     assert meta[:, 1].mean() < 0.5 * rand[:, 1].mean()
+    # Scoring the last step alone gives that column and nothing else.
+    last = Evaluator(job, steps=1, final_only=True).curves(
+        Init("meta", trainer.meta, job.frozen), "test", 5, 100, 0, 50)
+    assert last.shape == (100, 1)
+    np.testing.assert_allclose(last[:, 0], meta[:, 1], rtol=1e-5, atol=1e-6)
 
 
 def test_digits_lora_on_a_pretrained_base_learns_only_adapters_and_head():
