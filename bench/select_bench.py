@@ -179,7 +179,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     from metapeft_dist.adapt import probe_model, probe_spec, run_centroid, run_evaluation
     from metapeft_dist.evaluate import mean_ci95
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
-                                         global_best, peft_name)
+                                         global_best)
 
     cache = cache or ROOT / ".bench" / "select-cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,6 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     runs = [p for p, (_, checkpoint) in sources.items() if checkpoint is not None]
     centroids = ([run_centroid(r, KIND, probe_model(specs), data[(families[0], "val")]["probe"])
                   for r in runs] if text else [])
-    peft = {p: peft_name(spec.model) for p, (spec, _) in sources.items()}
     evaluations = {r: e for r in runs if (e := run_evaluation(r, SHOTS)) is not None}
 
     rows: dict[str, list[float]] = {"predictor": [], "global": [], "oracle": [],
@@ -232,8 +231,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                 if c.startswith("meta:"):
                     rows[c].append(scores[c])
             if centroids:
-                choice, _, _ = choose_by_similarity(d["embeddings"][i], centroids, peft,
-                                                    evaluations)
+                choice, _, _ = choose_by_similarity(d["embeddings"][i], centroids, evaluations)
                 rows["similarity"].append(scores[choice.key])
             hits_predictor.append(scores[pick] >= best - 0.01)
             hits_global.append(scores[best_global] >= best - 0.01)

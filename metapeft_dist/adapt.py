@@ -271,16 +271,17 @@ def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
     computed again."""
     from metapeft_dist.embed import distance, family_samples, make_embedder, probe_from_job
     from metapeft_dist.job import build_job
-    from metapeft_dist.selection import Centroid
+    from metapeft_dist.selection import Centroid, peft_name
 
     run_dir = Path(run_dir)
     spec = run_spec(run_dir)
+    peft = peft_name(spec.model)
     cache = run_dir / f"task-embedding-{kind}.json"
     try:
         saved = json.loads(cache.read_text())
         if probe_name is None or saved["probe"] == probe_name:
             return Centroid(str(run_dir), saved["kind"], saved["probe"],
-                            np.asarray(saved["vector"]), float(saved["radius"]))
+                            np.asarray(saved["vector"]), float(saved["radius"]), peft)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or damaged: computed again below
     job = build_job(probe_spec(spec, probe if probe is not None else probe_model([spec])))
@@ -290,7 +291,7 @@ def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
     held = embedder.embed(family_samples(job, "val", 0, CENTROID_TASKS))
     vector = train.mean(axis=0)
     radius = float(np.percentile([distance(v, vector) for v in held], RADIUS_QUANTILE))
-    centroid = Centroid(str(run_dir), kind, probe.name, vector, radius)
+    centroid = Centroid(str(run_dir), kind, probe.name, vector, radius, peft)
     cache.write_text(json.dumps(centroid.to_dict()) + "\n")
     return centroid
 
@@ -338,7 +339,7 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
     candidates' shared encoder's top layer (:func:`probe_model`)."""
     from metapeft_dist.selection import (MIN_RECORDS, Outcome, OutcomePredictor,
                                          OutcomeStore, SelectionError, choose_by_similarity,
-                                         configurations, peft_name)
+                                         configurations)
 
     if not candidates:
         raise AdaptError("--init auto needs candidate runs (--candidate RUN_DIR)")
@@ -367,9 +368,7 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
         else:
             shots = max(1, round(task["examples"] / len(task["labels"])))
             evaluations = {c: e for c in specs if (e := run_evaluation(c, shots)) is not None}
-            choice, why, detail = choose_by_similarity(
-                embedding, centroids, {c: peft_name(s.model) for c, s in specs.items()},
-                evaluations)
+            choice, why, detail = choose_by_similarity(embedding, centroids, evaluations)
             method = "similarity"
             if store is not None:
                 why += f" ({predictor.tasks} recorded tasks; the predictor needs {MIN_RECORDS})"

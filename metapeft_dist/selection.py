@@ -202,13 +202,16 @@ def global_best(outcomes: Sequence[Outcome]) -> str:
 @dataclass(frozen=True)
 class Centroid:
     """Where a run's tasks lie: the mean embedding of its meta-train tasks, and the 90th
-    percentile of its held-out tasks' distances to it."""
+    percentile of its held-out tasks' distances to it; ``peft``: the run's PEFT
+    configuration (:func:`peft_name`), whose standard init the similarity rule falls
+    back to."""
 
     run_dir: str
     kind: str
     probe: str
     vector: np.ndarray
     radius: float
+    peft: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "probe": self.probe, "radius": self.radius,
@@ -216,15 +219,13 @@ class Centroid:
 
 
 def choose_by_similarity(embedding: np.ndarray, centroids: Sequence[Centroid],
-                         peft: dict[str, str] | None = None,
                          evaluations: dict[str, tuple[float, float]] | None = None
                          ) -> tuple[Choice, str, dict[str, float]]:
     """Among the runs whose radius holds the task, the one with the best own held-out
     accuracy (``evaluations``: run_dir -> (meta-learned init, standard init) accuracy;
     runs without one rank by distance) and its meta-learned init, or its standard init
     when its evaluation found that better; near no run, the standard init of the
-    nearest run's PEFT configuration (``peft``: run_dir -> name). With the reason and
-    every distance."""
+    nearest run's PEFT configuration. With the reason and every distance."""
     if not centroids:
         raise SelectionError("no candidate runs to choose from")
     dists = {c.run_dir: distance(embedding, c.vector) for c in centroids}
@@ -245,11 +246,11 @@ def choose_by_similarity(embedding: np.ndarray, centroids: Sequence[Centroid],
         if len(near) > 1:
             why += f", the best of the {len(near)} runs near"
         if meta < standard:
-            return (Choice(best.run_dir, "standard", (peft or {}).get(best.run_dir, "")),
+            return (Choice(best.run_dir, "standard", best.peft),
                     why + ": the standard init", dists)
         return Choice(best.run_dir, "meta"), why, dists
     d, name = dists[nearest.run_dir], Path(nearest.run_dir).name
-    return (Choice(nearest.run_dir, "standard", (peft or {}).get(nearest.run_dir, "")),
+    return (Choice(nearest.run_dir, "standard", nearest.peft),
             f"no run's tasks are near: nearest {name} at {d:.4f}, beyond its radius "
             f"{nearest.radius:.4f}; a meta-learned init transfers poorly outside its family",
             dists)

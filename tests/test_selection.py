@@ -44,13 +44,14 @@ def test_predictor_follows_the_nearest_recorded_tasks():
 
 
 def test_similarity_picks_the_nearest_run_within_its_radius():
-    centroids = [Centroid("/runs/wordnet", "task2vec", "p", np.array([1.0, 0.2, 0.2]), 0.1),
-                 Centroid("/runs/fortunes", "task2vec", "p", np.array([0.2, 1.0, 0.2]), 0.1)]
+    centroids = [Centroid("/runs/wordnet", "task2vec", "p", np.array([1.0, 0.2, 0.2]), 0.1,
+                          "lora-r4-s2-top1"),
+                 Centroid("/runs/fortunes", "task2vec", "p", np.array([0.2, 1.0, 0.2]), 0.1,
+                          "lora-r2-s1-top2")]
     choice, why, dists = choose_by_similarity(np.array([1.0, 0.25, 0.2]), centroids)
     assert choice == Choice("/runs/wordnet", "meta") and "run wordnet's tasks are near" in why
     assert dists["/runs/wordnet"] < dists["/runs/fortunes"]
-    far, why, _ = choose_by_similarity(np.array([0.2, 0.2, 1.0]), centroids,
-                                       {"/runs/wordnet": "lora-r4-s2-top1"})
+    far, why, _ = choose_by_similarity(np.array([0.2, 0.2, 1.0]), centroids)
     assert far == Choice("/runs/wordnet", "standard", "lora-r4-s2-top1")
     assert "beyond its radius" in why and far.key == "standard:lora-r4-s2-top1"
     assert Choice("/runs/wordnet", "meta").key == "meta:wordnet"
@@ -59,21 +60,18 @@ def test_similarity_picks_the_nearest_run_within_its_radius():
 
 def test_similarity_weighs_the_runs_own_evaluations():
     wordnet = np.array([1.0, 0.2, 0.2])
-    centroids = [Centroid("/runs/fomaml", "task2vec", "p", wordnet, 0.1),
-                 Centroid("/runs/hyper", "task2vec", "p", wordnet, 0.1),
-                 Centroid("/runs/fortunes", "task2vec", "p", np.array([0.2, 1.0, 0.2]), 0.1)]
-    peft = {"/runs/fomaml": "lora-r4-s2-top1", "/runs/fortunes": "lora-r4-s2-top1",
-            "/runs/hyper": "lora-r4-s2-top1"}
+    centroids = [Centroid("/runs/fomaml", "task2vec", "p", wordnet, 0.1, "lora-r4-s2-top1"),
+                 Centroid("/runs/hyper", "task2vec", "p", wordnet, 0.1, "lora-r4-s2-top1"),
+                 Centroid("/runs/fortunes", "task2vec", "p", np.array([0.2, 1.0, 0.2]), 0.1,
+                          "lora-r4-s2-top1")]
     evaluations = {"/runs/fomaml": (0.727, 0.608), "/runs/hyper": (0.767, 0.608),
                    "/runs/fortunes": (0.556, 0.611)}
     # two runs of the task's family: the one whose own held-out evaluation is better
-    choice, why, _ = choose_by_similarity(np.array([1.0, 0.25, 0.2]), centroids, peft,
-                                          evaluations)
+    choice, why, _ = choose_by_similarity(np.array([1.0, 0.25, 0.2]), centroids, evaluations)
     assert choice == Choice("/runs/hyper", "meta")
     assert "meta-learned init 76.7%" in why and "the best of the 2 runs near" in why
     # near a run whose meta-learned init lost to the standard init on its own tasks
-    choice, why, _ = choose_by_similarity(np.array([0.2, 1.05, 0.2]), centroids, peft,
-                                          evaluations)
+    choice, why, _ = choose_by_similarity(np.array([0.2, 1.05, 0.2]), centroids, evaluations)
     assert choice == Choice("/runs/fortunes", "standard", "lora-r4-s2-top1")
     assert why.endswith("standard init 61.1%: the standard init")
     # without evaluations: the nearest run near
