@@ -23,7 +23,8 @@ Sections:
   select    RQ2 on the text runs: the outcome predictor's pick vs the single best
             configuration and the similarity rule, among the WordNet and fortunes inits,
             the standard LoRA init at rank 4 on the top layer and at rank 8 on the top
-            two, and head-only tuning (bench/select_bench.py; ~1.5 hours)
+            two, and head-only tuning, 45 query texts per class (bench/select_bench.py;
+            ~50 minutes)
   hyper     on digits: the LoRA hypernetwork (jobs/digits-hyper.yaml) against first-order
             MAML of the same adapters (jobs/digits-lora-fomaml.yaml), 0-10 steps at 1 and
             5 shots, paired (bench/hyper_compare.py); then RQ2 on digits among those two,

@@ -18,6 +18,9 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
   - how often the predictor's pick is the best configuration for the task, or within 1
     point of it (the seed's RQ2 hypothesis: >= 90%), against always choosing the single
     best configuration on the recorded tasks (the global choice);
+  - the same for the predictor given records of the test tasks' own distribution
+    (``predictor_cv``: 5-fold over the test tasks, a task never among its records), so a
+    miss is not the shift from meta-validation to meta-test categories;
   - mean accuracy of the predictor's pick, the similarity rule's pick (``--init auto``
     without records; text runs only) and the global choice, paired on the same tasks;
   - the noise ceiling of the first figure: a task's accuracies are measured on
@@ -29,6 +32,10 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
     ``--query`` raises it (the largest a family allows: its smallest val or test class
     less SHOTS; 169 on digits, 46 on wordnet and fortunes); a task's support set is the
     same whatever the query size.
+  - whether the tasks where the global choice loses are real or the query draw: the
+    split-half reliability (``split_half``) of the per-task difference between the
+    global choice and the configuration that beats it most often. Near 1, a second query
+    set would crown the same winners, so the misses are the predictor's to fix.
 
 Per-task accuracies are kept in CACHE (default .bench/select-cache/), so adding a run
 re-measures only its configurations.
@@ -60,6 +67,7 @@ KIND = "task2vec"
 # its query size (tasks.base.distinct); before, embeddings and scores drawn with different
 # query sizes described different support sets.
 DRAWS = 2
+FOLDS = 5  # predictor_cv: records from the other folds of the test tasks
 
 
 def _sources(paths: list[str]) -> dict[str, tuple[object, object]]:
@@ -174,6 +182,21 @@ def noise_ceiling(scores: np.ndarray, n: int, draws: int = 200, seed: int = 0) -
     return float((chosen >= best - 0.01).mean())
 
 
+def split_half(full: np.ndarray, half: np.ndarray, query: int) -> tuple[float, float]:
+    """How much of the per-task accuracy difference between two configurations is the
+    task's own rather than the query draw. ``full`` and ``half``: (tasks, 2) accuracies
+    on ``query`` and on ``query // 2`` examples per class; a task's support set and
+    first query examples are the same whatever the query size, so the second half's
+    accuracy is (query * full - h * half) / (query - h). Returns (r, reliability): the
+    correlation of the difference between the two disjoint halves, and by
+    Spearman-Brown 2r / (1 + r), the share of the full query set's difference variance
+    that a second query set would reproduce."""
+    h = query // 2
+    second = (query * full - h * half) / (query - h)
+    r = float(np.corrcoef(half[:, 0] - half[:, 1], second[:, 0] - second[:, 1])[0, 1])
+    return r, 2 * r / (1 + r)
+
+
 def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                  cache: Path | None = None, query: int = QUERY) -> dict:
     from metapeft_dist.adapt import probe_model, probe_spec, run_centroid, run_evaluation
@@ -201,22 +224,30 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                 "accuracy": measure(sources, configs, family, split, tasks, cache, query),
                 "embeddings": vectors, "probe": probe,
                 "tasks": [f"{family}/{split}/{i}" for i in range(tasks)]}
-    records = [Outcome(d["tasks"][i], config, acc[i], d["embeddings"][i], KIND, d["probe"],
-                       SHOTS, STEPS)
-               for (f, s), d in data.items() if s == "val"
-               for config, acc in d["accuracy"].items() for i in range(tasks)]
+    def outcomes(split: str, keep=lambda i: True) -> list:
+        return [Outcome(d["tasks"][i], config, acc[i], d["embeddings"][i], KIND, d["probe"],
+                        SHOTS, STEPS)
+                for (f, s), d in data.items() if s == split
+                for config, acc in d["accuracy"].items() for i in range(tasks) if keep(i)]
+
+    records = outcomes("val")
     predictor = OutcomePredictor(records)
+    # the same predictor with records from the held-out tasks' own distribution: the
+    # other folds of the test tasks (past adaptations of tasks like the user's)
+    folded = [OutcomePredictor(outcomes("test", lambda i, k=k: i % FOLDS != k))
+              for k in range(FOLDS)]
     best_global = global_best(records)
     runs = [p for p, (_, checkpoint) in sources.items() if checkpoint is not None]
     centroids = ([run_centroid(r, KIND, probe_model(specs), data[(families[0], "val")]["probe"])
                   for r in runs] if text else [])
     evaluations = {r: e for r in runs if (e := run_evaluation(r, SHOTS)) is not None}
 
-    rows: dict[str, list[float]] = {"predictor": [], "global": [], "oracle": [],
+    rows: dict[str, list[float]] = {"predictor": [], "predictor_cv": [], "global": [],
+                                    "oracle": [],
                                     **{c: [] for c in configs if c.startswith("meta:")}}
     if centroids:
         rows["similarity"] = []
-    hits_predictor, hits_global, picks = [], [], {}
+    hits_predictor, hits_cv, hits_global, picks = [], [], [], {}
     for family in families:
         d = data[(family, "test")]
         for i in range(tasks):
@@ -225,6 +256,9 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
             pick, _, _ = predictor.choose(d["embeddings"][i])
             picks.setdefault(family, []).append(pick)
             rows["predictor"].append(scores[pick])
+            pick_cv, _, _ = folded[i % FOLDS].choose(d["embeddings"][i])
+            rows["predictor_cv"].append(scores[pick_cv])
+            hits_cv.append(scores[pick_cv] >= best - 0.01)
             rows["global"].append(scores[best_global])
             rows["oracle"].append(best)
             for c in configs:
@@ -240,6 +274,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                  "global_best": best_global}
     print(f"  global best on the recorded tasks: {best_global}", flush=True)
     for name, values in (("predictor_within_1pt", hits_predictor),
+                         ("predictor_cv_within_1pt", hits_cv),
                          ("global_within_1pt", hits_global)):
         mean, ci = mean_ci95(np.array(values, dtype=float))
         out[name] = [float(mean), float(ci)]
@@ -250,6 +285,21 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     out["noise_ceiling_within_1pt"] = noise_ceiling(test, ways * query)
     print(f"  noise ceiling (a predictor that knew the expected accuracies): "
           f"{100 * out['noise_ceiling_within_1pt']:.1f}%", flush=True)
+    # the global choice against the configuration that beats it most often
+    test_tasks = [(f, d) for (f, s), d in data.items() if s == "test"]
+    wins = {c: sum(int(np.sum(np.array(d["accuracy"][c]) > np.array(d["accuracy"][best_global])
+                                + 0.01)) for _, d in test_tasks)
+            for c in configs if c != best_global}
+    rival = max(wins, key=wins.get)
+    pair = {c: configs[c] for c in (best_global, rival)}
+    full = np.concatenate([np.array([d["accuracy"][c] for c in pair]).T for _, d in test_tasks])
+    half = np.concatenate([np.array([a[c] for c in pair]).T for f, _ in test_tasks
+                           for a in [measure(sources, pair, f, "test", tasks, cache,
+                                             query // 2)]])
+    r, reliability = split_half(full, half, query)
+    out["split_half"] = {"pair": list(pair), "r": r, "reliability": reliability}
+    print(f"  {best_global} - {rival} per task: split-half r {r:.2f}, {100 * reliability:.0f}% "
+          f"of its variance is the task's own (the rest: the query draw)", flush=True)
     base = np.array(rows["global"])
     for name, values in rows.items():
         v = np.array(values)
