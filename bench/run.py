@@ -29,7 +29,8 @@ Sections:
             MAML of the same adapters (jobs/digits-lora-fomaml.yaml), 0-10 steps at 1 and
             5 shots, paired (bench/hyper_compare.py); then RQ2 on digits among those two,
             digits-fomaml (all weights), standard LoRA at ranks 4 and 8, head-only and
-            full fine-tuning from the pretrained base (~15 minutes)
+            full fine-tuning from the pretrained base, and the support-set
+            cross-validation rule (~15 minutes)
 """
 
 from __future__ import annotations
@@ -425,7 +426,8 @@ def bench_hyper_section() -> dict:
     out["select"] = bench_select(["digits"], [runs["digits-lora-fomaml"], runs["digits-hyper"],
                                               runs["digits-fomaml"], str(rank8)],
                                  tasks=150, cache=OUT / "select-cache",
-                                 query=169)  # every image of a class's smallest (174) but the shots
+                                 query=169,  # every image of a class's smallest (174) but the shots
+                                 cv=True)
     return out
 
 

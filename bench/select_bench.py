@@ -21,6 +21,9 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
   - the same for the predictor given records of the test tasks' own distribution
     (``predictor_cv``: 5-fold over the test tasks, a task never among its records), so a
     miss is not the shift from meta-validation to meta-test categories;
+  - with ``--support-cv``, a rule that needs no records: between the global choice and
+    its rival (below), the one with the better leave-one-shot-out accuracy on the
+    task's own support set (``support_cv``; SHOTS x the adaptations);
   - mean accuracy of the predictor's pick, the similarity rule's pick (``--init auto``
     without records; text runs only) and the global choice, paired on the same tasks;
   - the noise ceiling of the first figure: a task's accuracies are measured on
@@ -40,7 +43,8 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
 Per-task accuracies are kept in CACHE (default .bench/select-cache/), so adding a run
 re-measures only its configurations.
 
-    python bench/select_bench.py [--tasks N] [--query Q] [--cache DIR] FAMILIES RUN_OR_SPEC...
+    python bench/select_bench.py [--tasks N] [--query Q] [--cache DIR] [--support-cv]
+                                 FAMILIES RUN_OR_SPEC...
 """
 
 from __future__ import annotations
@@ -112,10 +116,35 @@ def _job(spec, family: str):
     return build_job(retarget(spec, family, overrides=overrides))
 
 
+def support_cv(evaluator, start, split: str, tasks: int) -> np.ndarray:
+    """Each task's leave-one-shot-out accuracy on its own support set: adapted ``STEPS``
+    steps on SHOTS - 1 examples per class, scored on the one left out, averaged over the
+    SHOTS folds (what a user could measure without a query set)."""
+    import mlx.core as mx
+
+    job = evaluator.job
+    ways = job.spec.family.ways
+    episodes = job.episodes(split, STREAM, range(tasks), SHOTS, 1)
+    sx, sy = np.asarray(episodes.support_x), np.asarray(episodes.support_y)
+    assert (sy == np.repeat(np.arange(ways), SHOTS)).all(), "support sets are class-major"
+    out = np.zeros(tasks)
+    for j in range(SHOTS):
+        held = np.arange(ways) * SHOTS + j
+        kept = np.setdiff1d(np.arange(ways * SHOTS), held)
+        for b in range(0, tasks, 20):
+            part = slice(b, b + 20)
+            out[part] += evaluator.score(start, mx.array(sx[part][:, kept]),
+                                         mx.array(sy[part][:, kept]),
+                                         mx.array(sx[part][:, held]),
+                                         mx.array(sy[part][:, held]))[:, 0] / SHOTS
+    return out
+
+
 def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: Path,
-            query: int = QUERY) -> dict:
-    """Per configuration, the query accuracy of ``tasks`` tasks after ``STEPS`` steps
-    (cached per configuration, family, split and task count)."""
+            query: int = QUERY, cv: bool = False) -> dict:
+    """Per configuration, the query accuracy of ``tasks`` tasks after ``STEPS`` steps,
+    or with ``cv`` their :func:`support_cv` accuracy (cached per configuration, family,
+    split and task count)."""
     from metapeft_dist.adapt import _narrow
     from metapeft_dist.evaluate import Evaluator
     from metapeft_dist.job import Init
@@ -123,8 +152,10 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
     jobs: dict[str, object] = {}
     accuracy = {}
     for key, (path, init) in configs.items():
+        scored = "support-cv" if cv else query
         ident = hashlib.sha256(f"{key}|{Path(path).resolve()}|{family}|{split}|{tasks}|"
-                               f"{SHOTS}|{query}|{STEPS}|{STREAM}|{DRAWS}".encode()).hexdigest()[:16]
+                               f"{SHOTS}|{scored}|{STEPS}|{STREAM}|{DRAWS}".encode()
+                               ).hexdigest()[:16]
         file = cache / f"{ident}.json"
         if file.is_file():
             accuracy[key] = json.loads(file.read_text())
@@ -139,11 +170,13 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
         else:
             start = job.baseline({"standard": "random"}.get(init, init))
         t0 = time.time()
-        curves = Evaluator(job, STEPS, final_only=True).curves(start, split, SHOTS, tasks,
-                                                               STREAM, 20, query)
-        accuracy[key] = curves[:, 0].tolist()
+        evaluator = Evaluator(job, STEPS, final_only=True)
+        accuracy[key] = (support_cv(evaluator, start, split, tasks) if cv else
+                         evaluator.curves(start, split, SHOTS, tasks, STREAM, 20, query)[:, 0]
+                         ).tolist()
         file.write_text(json.dumps(accuracy[key]))
-        print(f"  {family}/{split} {key}: {100 * np.mean(accuracy[key]):.1f}% "
+        print(f"  {family}/{split} {key}{' (support cv)' if cv else ''}: "
+              f"{100 * np.mean(accuracy[key]):.1f}% "
               f"({time.time() - t0:.0f} s)", flush=True)
     return accuracy
 
@@ -198,7 +231,7 @@ def split_half(full: np.ndarray, half: np.ndarray, query: int) -> tuple[float, f
 
 
 def bench_select(families: list[str], paths: list[str], tasks: int = 40,
-                 cache: Path | None = None, query: int = QUERY) -> dict:
+                 cache: Path | None = None, query: int = QUERY, cv: bool = False) -> dict:
     from metapeft_dist.adapt import probe_model, probe_spec, run_centroid, run_evaluation
     from metapeft_dist.evaluate import mean_ci95
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
@@ -300,6 +333,18 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     out["split_half"] = {"pair": list(pair), "r": r, "reliability": reliability}
     print(f"  {best_global} - {rival} per task: split-half r {r:.2f}, {100 * reliability:.0f}% "
           f"of its variance is the task's own (the rest: the query draw)", flush=True)
+    if cv:  # the rival where it beats the global choice on the support set's own folds
+        rows["support_cv"], hits = [], []
+        for f, d in test_tasks:
+            folds = measure(sources, pair, f, "test", tasks, cache, cv=True)
+            for i in range(tasks):
+                pick = rival if folds[rival][i] > folds[best_global][i] else best_global
+                score = d["accuracy"][pick][i]
+                rows["support_cv"].append(score)
+                hits.append(score >= max(a[i] for a in d["accuracy"].values()) - 0.01)
+        mean, ci = mean_ci95(np.array(hits, dtype=float))
+        out["support_cv_within_1pt"] = [float(mean), float(ci)]
+        print(f"  support_cv_within_1pt: {100 * mean:.1f}% ± {100 * ci:.1f}", flush=True)
     base = np.array(rows["global"])
     for name, values in rows.items():
         v = np.array(values)
@@ -328,9 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=40, help="tasks per family and split")
     parser.add_argument("--query", type=int, default=QUERY, help="query examples per class")
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--support-cv", action="store_true",
+                        help="also choose between the global choice and its rival by "
+                             "leave-one-shot-out accuracy on each task's support set")
     args = parser.parse_args(argv)
     result = bench_select(args.families.split(","), args.runs, args.tasks, args.cache,
-                          args.query)
+                          args.query, args.support_cv)
     print(json.dumps(result, indent=1))
 
 

@@ -54,13 +54,19 @@ class Evaluator:
         """Metric after 0..steps adaptation steps, shape (tasks, steps + 1) (with
         ``final_only`` (tasks, 1)); with ``with_loss`` one more column, the query loss
         after the last step."""
-        shared = {"meta": init.meta, "frozen": init.frozen}
         out = []
         for start in range(0, tasks, chunk):
             indices = range(start, min(start + chunk, tasks))
-            batch = to_mx(self.job.episodes(split, stream, indices, shots, query))
-            out.append(np.array(self._curves(shared, *batch)))
+            out.append(self.score(init, *to_mx(self.job.episodes(split, stream, indices,
+                                                                 shots, query))))
         return np.concatenate(out)
+
+    def score(self, init: Init, sx: mx.array, sy: mx.array, qx: mx.array,
+              qy: mx.array) -> np.ndarray:
+        """The same columns for given tasks: support and query arrays with a leading
+        task axis (e.g. a support set split into folds)."""
+        return np.array(self._curves({"meta": init.meta, "frozen": init.frozen},
+                                     sx, sy, qx, qy))
 
 
 def adaptation_step_seconds(job: Job, init: Init, split: str, shots: int, steps: int,
