@@ -85,4 +85,3 @@ def sample_batch(family: TaskFamily, seed: int, split: str, iteration: int,
     """The tasks ``(seed, split, iteration, i)`` for i in ``indices``, stacked."""
     return stack([family.sample(TaskKey(seed, split, iteration, i), shots, query)
                   for i in indices])
-
