@@ -280,7 +280,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                                     **{c: [] for c in configs if c.startswith("meta:")}}
     if centroids:
         rows["similarity"] = []
-    hits_predictor, hits_cv, hits_global, picks = [], [], [], {}
+    picks: dict[str, list[str]] = {}
     for family in families:
         d = data[(family, "test")]
         for i in range(tasks):
@@ -291,7 +291,6 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
             rows["predictor"].append(scores[pick])
             pick_cv, _, _ = folded[i % FOLDS].choose(d["embeddings"][i])
             rows["predictor_cv"].append(scores[pick_cv])
-            hits_cv.append(scores[pick_cv] >= best - 0.01)
             rows["global"].append(scores[best_global])
             rows["oracle"].append(best)
             for c in configs:
@@ -300,18 +299,10 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
             if centroids:
                 choice, _, _ = choose_by_similarity(d["embeddings"][i], centroids, evaluations)
                 rows["similarity"].append(scores[choice.key])
-            hits_predictor.append(scores[pick] >= best - 0.01)
-            hits_global.append(scores[best_global] >= best - 0.01)
     out: dict = {"families": families, "tasks_per_family": tasks, "shots": SHOTS,
                  "query": query, "steps": STEPS, "configurations": sorted(configs),
                  "global_best": best_global}
     print(f"  global best on the recorded tasks: {best_global}", flush=True)
-    for name, values in (("predictor_within_1pt", hits_predictor),
-                         ("predictor_cv_within_1pt", hits_cv),
-                         ("global_within_1pt", hits_global)):
-        mean, ci = mean_ci95(np.array(values, dtype=float))
-        out[name] = [float(mean), float(ci)]
-        print(f"  {name}: {100 * mean:.1f}% ± {100 * ci:.1f}", flush=True)
     ways = sources[next(iter(sources))][0].family.ways
     test = np.concatenate([np.array([d["accuracy"][c] for c in configs]).T
                            for (f, s), d in data.items() if s == "test"])
@@ -334,17 +325,18 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     print(f"  {best_global} - {rival} per task: split-half r {r:.2f}, {100 * reliability:.0f}% "
           f"of its variance is the task's own (the rest: the query draw)", flush=True)
     if cv:  # the rival where it beats the global choice on the support set's own folds
-        rows["support_cv"], hits = [], []
+        rows["support_cv"] = []
         for f, d in test_tasks:
             folds = measure(sources, pair, f, "test", tasks, cache, cv=True)
             for i in range(tasks):
                 pick = rival if folds[rival][i] > folds[best_global][i] else best_global
-                score = d["accuracy"][pick][i]
-                rows["support_cv"].append(score)
-                hits.append(score >= max(a[i] for a in d["accuracy"].values()) - 0.01)
-        mean, ci = mean_ci95(np.array(hits, dtype=float))
-        out["support_cv_within_1pt"] = [float(mean), float(ci)]
-        print(f"  support_cv_within_1pt: {100 * mean:.1f}% ± {100 * ci:.1f}", flush=True)
+                rows["support_cv"].append(d["accuracy"][pick][i])
+    oracle = np.array(rows["oracle"])
+    for name in ("predictor", "predictor_cv", "global", "support_cv"):
+        if name in rows:  # best for the task, or within 1 point of it
+            mean, ci = mean_ci95((np.array(rows[name]) >= oracle - 0.01).astype(float))
+            out[f"{name}_within_1pt"] = [float(mean), float(ci)]
+            print(f"  {name}_within_1pt: {100 * mean:.1f}% ± {100 * ci:.1f}", flush=True)
     base = np.array(rows["global"])
     for name, values in rows.items():
         v = np.array(values)
