@@ -1,8 +1,11 @@
 """A job spec made concrete: the task family, model, objective, algorithm, the initial
 meta-parameters and the frozen base.
 
-The same :class:`Job` is built wherever the job runs (this process now, each worker
-later); building it is deterministic in the spec, so only the spec has to travel.
+The same :class:`Job` is built wherever the job runs: the driver builds it from the
+spec, pretraining the base (``model.base: pretrained``) and reading the run that
+``algorithm.hyper.init`` names; a worker builds it from the spec and the frozen base the
+driver sends (:meth:`Job.stored_frozen`, one wire frame), so it neither repeats the
+pretraining nor needs the driver's files (the meta-parameters arrive by wire anyway).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from metapeft_dist.objectives import Objective, objective_for
 from metapeft_dist.tasks import make_family
 from metapeft_dist.tasks.base import Episode, sample_batch
 from metapeft_dist.tree import Meta, Params
+from metapeft_dist.wire import TreeSpec, decode
 
 LossFn = Callable[[Params, mx.array, mx.array], mx.array]
 
@@ -120,7 +124,13 @@ def to_mx(episode: Episode) -> Task:
     return tuple(mx.array(a) for a in episode.arrays())  # type: ignore[return-value]
 
 
-def build_job(spec: JobSpec) -> Job:
+def build_job(spec: JobSpec, frozen_frame: bytes | None = None) -> Job:
+    """The job of ``spec``. ``frozen_frame``: the driver's :meth:`Job.stored_frozen` as
+    a wire frame (a worker's job), checked against this job's own frozen tree and used
+    instead of pretraining; the initial meta-parameters are then only the tree the
+    driver's ones arrive in (a hypernetwork's base adapters stay the standard init, not
+    ``algorithm.hyper.init``'s). Raises :class:`metapeft_dist.wire.WireError` for a
+    frame of another tree."""
     family = make_family(spec.family)
     info = family.info
     out_dim = 1 if info.kind == "regression" else spec.family.ways
@@ -129,7 +139,7 @@ def build_job(spec: JobSpec) -> Job:
     algorithm = make_algorithm(spec)
     job = Job(spec, family, model, objective, algorithm, frozen={}, initial_meta={})
     params = model.init(mx.random.key(spec.seed))
-    if spec.model.base == "pretrained":
+    if spec.model.base == "pretrained" and frozen_frame is None:
         base = job.pretrained()
         # The pretrained weights replace the random ones; adapters stay freshly
         # initialized (B = 0, so the model starts equal to the pretrained base).
@@ -137,10 +147,14 @@ def build_job(spec: JobSpec) -> Job:
                                if not (is_adapter(k) or is_head(k))}}
     trainable, frozen = split_trainable(params, spec.model.train)
     job.frozen = frozen
+    if frozen_frame is not None:
+        stored = TreeSpec.of({"frozen": job.stored_frozen()})
+        job.frozen = {**frozen, **decode(frozen_frame, stored).tree.get("frozen", {})}
     job.initial_meta = algorithm.init_meta(trainable)
     if spec.algorithm.name == "hyper":
+        base = trainable if frozen_frame is not None else _hyper_base(spec, trainable)
         job.initial_meta = algorithm.init_hyper(  # type: ignore[attr-defined]
-            mx.random.key(spec.seed + 2), _hyper_base(spec, trainable))
+            mx.random.key(spec.seed + 2), base)
     return job
 
 

@@ -141,8 +141,10 @@ class RayExecutor:
         ServerActor = ray.remote(ParameterServer).options(
             num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
+        frozen_frame = encode({"frozen": job.stored_frozen()}, 0)
         self.ps = ServerActor.remote(self.spec.to_dict(), encode(job.initial_meta, 0),
-                                     encode({"frozen": job.stored_frozen()}, 0), total, resume_path)
+                                     frozen_frame, total, resume_path)
+        self._frozen_ref = ray.put(frozen_frame)  # every worker builds its job on it
         self.version = ray.get(self.ps.get_version.remote())
         self._worker_class = ray.remote(RayWorker).options(
             num_cpus=0, resources={"mlx": 1}, max_restarts=-1, max_task_retries=0)
@@ -191,7 +193,7 @@ class RayExecutor:
         return int(ray.cluster_resources().get("mlx", 0))
 
     def _add_worker(self) -> None:
-        handle = self._worker_class.remote(self.spec.to_dict())
+        handle = self._worker_class.remote(self.spec.to_dict(), self._frozen_ref)
         self.workers.append(handle)
         self.created_at[handle] = time.time()
         self.pings[handle.ping.remote()] = handle

@@ -1,9 +1,11 @@
-"""An MLX worker: builds the job once (task family, model, frozen base), then turns
-(meta-parameters, a chunk of task keys) into the chunk's mean outer gradient.
+"""An MLX worker: builds the job once (task family, model, and the frozen base the
+driver sends), then turns (meta-parameters, a chunk of task keys) into the chunk's mean
+outer gradient.
 
 A plain class; the driver runs one per machine as a Ray actor pinned by the ``mlx``
-custom resource. Only task keys arrive (the worker samples the tasks itself) and only
-the trainable meta-parameters travel, as wire frames, in both directions.
+custom resource. The frozen base arrives once, at the start; then only task keys arrive
+(the worker samples the tasks itself) and only the trainable meta-parameters travel, as
+wire frames, in both directions.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from metapeft_dist.wire import TreeSpec, decode, encode
 
 
 class Worker:
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], frozen_frame: bytes | None = None):
+        """``frozen_frame``: the driver's frozen base (``Job.stored_frozen`` as a wire
+        frame), so the worker does not pretrain it again nor read the run directory of
+        ``algorithm.hyper.init``; without it the worker builds everything from the spec."""
         t0 = time.perf_counter()
         self.spec = from_dict(spec)
-        self.job = build_job(self.spec)
+        self.job = build_job(self.spec, frozen_frame)
         self.tree_spec = TreeSpec.of(self.job.initial_meta)
         self.loss_fn = self.job.loss_fn()
         self._meta: tuple[int, Any] | None = None

@@ -14,7 +14,7 @@ from metapeft_dist.config import parse_spec
 from metapeft_dist.job import build_job
 from metapeft_dist.runtime.param_server import ParameterServer
 from metapeft_dist.runtime.worker import Worker
-from metapeft_dist.wire import encode
+from metapeft_dist.wire import TreeSpec, WireError, decode, encode
 
 SPEC = """
 family: {name: sinusoid, shots: 5, query: 5}
@@ -94,7 +94,6 @@ def test_async_staleness_bound_and_accounting():
 def test_worker_chunk_gradient_is_the_algorithms_and_frames_carry_only_trainables():
     spec, job, ps, worker = _setup()
     timings, frame = worker.run(0, ps.meta_frame(), 3, 2, 2)
-    from metapeft_dist.wire import TreeSpec, decode
 
     got = decode(frame, TreeSpec.of(job.initial_meta))
     assert got.header["iteration"] == 3 and got.header["start"] == 2 and got.header["count"] == 2
@@ -125,3 +124,51 @@ def test_checkpoint_and_resume_continue_identically(tmp_path):
     iterate(resumed, 1)
     for name, value in _flat(ps.meta).items():
         assert mx.array_equal(_flat(resumed.meta)[name], value)
+
+
+DIGITS = """
+family: {name: digits, ways: 5, shots: 1, query: 5}
+model: {kind: mlp, hidden: [32], lora: {rank: 2, alpha: 2}, train: lora, base: pretrained,
+        pretrain: {steps: 30, batch: 32}}
+algorithm: {name: fomaml, meta_batch: 4, iterations: 2}
+inner: {steps: 2, lr: 0.4}
+eval: {tasks: 4, shots: [1], steps: 1, every: 2, val_tasks: 4, chunk: 4, baselines: [random]}
+runtime: {mode: local}
+metrics: {enabled: false}
+"""
+
+
+def test_a_worker_builds_on_the_drivers_frozen_base_and_needs_none_of_its_files(tmp_path):
+    """On a cluster the run that algorithm.hyper.init names exists on the driver's
+    machine only, and pretraining the base again on every machine is wasted: a worker
+    gets the driver's frozen base and neither pretrains nor reads the run."""
+    from metapeft_dist.runner import run_job
+
+    run_job(parse_spec(DIGITS), tmp_path / "lora")  # a finished run to start the base from
+    spec = parse_spec(DIGITS, overrides=[
+        "algorithm.name=hyper", f"algorithm.hyper.init={tmp_path / 'lora'}",
+        "algorithm.hyper.task_dim=8", "algorithm.hyper.hidden=8", "algorithm.hyper.map_rank=2"])
+    driver = build_job(spec)
+    frame = encode({"frozen": driver.stored_frozen()}, 0)
+    (tmp_path / "lora").rename(tmp_path / "elsewhere")  # not on the worker's machine
+
+    worker = Worker(spec.to_dict(), frame)
+    assert worker.job._pretrained is None  # it did not pretrain
+    assert worker.job.frozen.keys() == driver.frozen.keys() == {"hidden0.w", "hidden0.b"}
+    assert all(mx.array_equal(worker.job.frozen[k], v) for k, v in driver.frozen.items())
+    # Its gradient of the driver's meta-parameters (base adapters from the run) is the
+    # driver's own.
+    _, got = worker.run(0, encode(driver.initial_meta, 0), 1, 0, 2)
+    algo = driver.algorithm
+    want, _ = algo.batch_grad(driver.initial_meta, driver.loss_fn(), driver.batch(1, range(2)),
+                              algo.step_inputs(1))
+    got = _flat(decode(got, TreeSpec.of(driver.initial_meta)).tree)
+    for name, value in _flat(want).items():
+        np.testing.assert_allclose(np.array(got[name]), np.array(value), rtol=1e-5, atol=1e-7)
+    # Built from the spec alone, the worker would need the run.
+    with pytest.raises(ValueError, match="algorithm.hyper.init: .* is not a run directory"):
+        Worker(spec.to_dict())
+    # A frozen base of another model is refused by name.
+    other = build_job(parse_spec(DIGITS, overrides=["model.hidden=[16]"]))
+    with pytest.raises(WireError, match=r"'frozen/hidden0.b' has shape \[16\], expected \[32\]"):
+        Worker(spec.to_dict(), encode({"frozen": other.stored_frozen()}, 0))
