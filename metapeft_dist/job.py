@@ -5,7 +5,8 @@ The same :class:`Job` is built wherever the job runs: the driver builds it from 
 spec, pretraining the base (``model.base: pretrained``) and reading the run that
 ``algorithm.hyper.init`` names; a worker builds it from the spec and the frozen base the
 driver sends (:meth:`Job.stored_frozen`, one wire frame), so it neither repeats the
-pretraining nor needs the driver's files (the meta-parameters arrive by wire anyway).
+pretraining nor needs the driver's files (the meta-parameters arrive by wire anyway); a
+resumed run builds it on its checkpoint's frozen base the same way.
 """
 
 from __future__ import annotations
@@ -125,12 +126,13 @@ def to_mx(episode: Episode) -> Task:
 
 
 def build_job(spec: JobSpec, frozen_frame: bytes | None = None) -> Job:
-    """The job of ``spec``. ``frozen_frame``: the driver's :meth:`Job.stored_frozen` as
-    a wire frame (a worker's job), checked against this job's own frozen tree and used
-    instead of pretraining; the initial meta-parameters are then only the tree the
-    driver's ones arrive in (a hypernetwork's base adapters stay the standard init, not
-    ``algorithm.hyper.init``'s). Raises :class:`metapeft_dist.wire.WireError` for a
-    frame of another tree."""
+    """The job of ``spec``. ``frozen_frame``: a frozen base built before, as a wire frame
+    of ``{"frozen": Job.stored_frozen()}`` (the driver's, sent to a worker; a
+    checkpoint's, when a run resumes), checked against this job's own frozen tree and
+    used instead of pretraining. The initial meta-parameters are then only the tree the
+    real ones arrive in (by wire, or from the checkpoint): a hypernetwork's base adapters
+    stay the standard init, and ``algorithm.hyper.init``'s run is not read. Raises
+    :class:`metapeft_dist.wire.WireError` for a frame of another tree."""
     family = make_family(spec.family)
     info = family.info
     out_dim = 1 if info.kind == "regression" else spec.family.ways

@@ -36,6 +36,7 @@ from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics, push_out
 from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
 from metapeft_dist.trainer import MetaTrainer
 from metapeft_dist.tree import Meta, num_elements
+from metapeft_dist.wire import encode
 
 # on_progress(stage, done, total, info): stages "setup", "meta-train", "evaluate", "done".
 Progress = Callable[[str, int, int, dict[str, Any]], None]
@@ -131,7 +132,10 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                           "or choose another --run-dir")
     started = time.time()
-    job = build_job(spec)
+    # A resumed run keeps the frozen base its meta-parameters were trained on (the
+    # checkpoint's) instead of pretraining it again, and its meta-parameters come from the
+    # checkpoint, so it no longer needs the run algorithm.hyper.init named.
+    job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen}, 0))
     spend = SpendMeter(spec.cost.node_table(), spec.cost.energy_usd_per_kwh)
     if resume is not None:
         spend.restore(resume.info.get("reserved_seconds", {}))

@@ -27,6 +27,22 @@ checkpoint: {every: 10, keep: 2}
 """
 
 
+@pytest.fixture
+def tiny_digits_text() -> str:
+    """A digits job on a pretrained, frozen MLP base (LoRA and head meta-learned) that
+    runs in a few seconds in this process."""
+    return """
+family: {name: digits, ways: 5, shots: 1, query: 5}
+model: {kind: mlp, hidden: [32], lora: {rank: 2, alpha: 2}, train: lora, base: pretrained,
+        pretrain: {steps: 30, batch: 32}}
+algorithm: {name: fomaml, meta_batch: 4, iterations: 2}
+inner: {steps: 2, lr: 0.4}
+eval: {tasks: 4, shots: [1], steps: 1, every: 2, val_tasks: 4, chunk: 4, baselines: [random]}
+runtime: {mode: local}
+metrics: {enabled: false}
+"""
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray (2 `mlx` workers) for a test module; jobs run in it join it

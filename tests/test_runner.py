@@ -84,3 +84,29 @@ def test_final_checkpoint_equals_an_identical_rerun(tmp_path, tiny_spec_text, lo
     mb = load_checkpoint(b["meta_training"]["checkpoint"]).meta["params"]
     assert all(mx.array_equal(ma[k], mb[k]) for k in ma)
     assert a["evaluation"]["shots"] == b["evaluation"]["shots"]
+
+
+def test_a_resumed_run_keeps_its_frozen_base_and_needs_no_init_run(tmp_path, tiny_digits_text):
+    """Resuming takes the frozen base from the checkpoint (the one the meta-parameters
+    were trained on) instead of pretraining it again, and no longer reads the run that
+    algorithm.hyper.init named (moved away since); it ends bitwise equal to an
+    uninterrupted run."""
+    from metapeft_dist.runner import find_resume_point
+
+    run_job(parse_spec(tiny_digits_text), tmp_path / "lora")
+    spec = parse_spec(tiny_digits_text, overrides=[
+        "algorithm.name=hyper", f"algorithm.hyper.init={tmp_path / 'lora'}",
+        "algorithm.hyper.task_dim=8", "algorithm.hyper.hidden=8", "algorithm.hyper.map_rank=2",
+        "algorithm.iterations=4", "checkpoint.every=2", "eval.every=0", "eval.select=last"])
+    whole = run_job(spec, tmp_path / "whole")
+    run_job(spec, tmp_path / "cut")
+    _, newest = list_checkpoints(tmp_path / "cut" / "checkpoints")[-1]
+    newest.unlink()  # as if the driver had died before iteration 4's checkpoint
+    (tmp_path / "lora").rename(tmp_path / "moved")
+
+    spec_again, checkpoint = find_resume_point(tmp_path / "cut", lambda message: None)
+    assert checkpoint.iteration == 2 and checkpoint.frozen.keys() == {"hidden0.w", "hidden0.b"}
+    resumed = run_job(spec_again, tmp_path / "cut", resume=checkpoint)
+    a = load_checkpoint(whole["meta_training"]["checkpoint"]).meta
+    b = load_checkpoint(resumed["meta_training"]["checkpoint"]).meta
+    assert all(mx.array_equal(a[g][k], b[g][k]) for g in a for k in a[g])

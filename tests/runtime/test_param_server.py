@@ -126,26 +126,15 @@ def test_checkpoint_and_resume_continue_identically(tmp_path):
         assert mx.array_equal(_flat(resumed.meta)[name], value)
 
 
-DIGITS = """
-family: {name: digits, ways: 5, shots: 1, query: 5}
-model: {kind: mlp, hidden: [32], lora: {rank: 2, alpha: 2}, train: lora, base: pretrained,
-        pretrain: {steps: 30, batch: 32}}
-algorithm: {name: fomaml, meta_batch: 4, iterations: 2}
-inner: {steps: 2, lr: 0.4}
-eval: {tasks: 4, shots: [1], steps: 1, every: 2, val_tasks: 4, chunk: 4, baselines: [random]}
-runtime: {mode: local}
-metrics: {enabled: false}
-"""
-
-
-def test_a_worker_builds_on_the_drivers_frozen_base_and_needs_none_of_its_files(tmp_path):
+def test_a_worker_builds_on_the_drivers_frozen_base_and_needs_none_of_its_files(
+        tmp_path, tiny_digits_text):
     """On a cluster the run that algorithm.hyper.init names exists on the driver's
     machine only, and pretraining the base again on every machine is wasted: a worker
     gets the driver's frozen base and neither pretrains nor reads the run."""
     from metapeft_dist.runner import run_job
 
-    run_job(parse_spec(DIGITS), tmp_path / "lora")  # a finished run to start the base from
-    spec = parse_spec(DIGITS, overrides=[
+    run_job(parse_spec(tiny_digits_text), tmp_path / "lora")  # a run to start the base from
+    spec = parse_spec(tiny_digits_text, overrides=[
         "algorithm.name=hyper", f"algorithm.hyper.init={tmp_path / 'lora'}",
         "algorithm.hyper.task_dim=8", "algorithm.hyper.hidden=8", "algorithm.hyper.map_rank=2"])
     driver = build_job(spec)
@@ -169,6 +158,6 @@ def test_a_worker_builds_on_the_drivers_frozen_base_and_needs_none_of_its_files(
     with pytest.raises(ValueError, match="algorithm.hyper.init: .* is not a run directory"):
         Worker(spec.to_dict())
     # A frozen base of another model is refused by name.
-    other = build_job(parse_spec(DIGITS, overrides=["model.hidden=[16]"]))
+    other = build_job(parse_spec(tiny_digits_text, overrides=["model.hidden=[16]"]))
     with pytest.raises(WireError, match=r"'frozen/hidden0.b' has shape \[16\], expected \[32\]"):
         Worker(spec.to_dict(), encode({"frozen": other.stored_frozen()}, 0))
