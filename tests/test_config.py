@@ -221,3 +221,13 @@ def test_docs_reference_is_current():
     page = (ROOT / "docs" / "job-spec.md").read_text()
     assert page.strip() == config.reference().strip(), (
         "docs/job-spec.md is stale: python -m metapeft_dist.config > docs/job-spec.md")
+
+
+def test_a_config_error_survives_pickling_whole():
+    """It crosses process boundaries (a Ray worker's error reaches the driver)."""
+    import pickle
+
+    err = ConfigError([("family.path", "/x is not a directory"), ("inner.lr", "must be > 0")])
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is ConfigError and back.lines() == err.lines()
+    assert str(back) == "family.path: /x is not a directory (and 1 more)"

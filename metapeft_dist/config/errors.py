@@ -18,6 +18,9 @@ class ConfigError(ValueError):
     def lines(self) -> list[str]:
         return [_format(path, msg) for path, msg in self.errors]
 
+    def __reduce__(self):  # travels whole (a Ray worker's error reaches the driver)
+        return (type(self), (self.errors,))
+
 
 def _format(path: str, msg: str) -> str:
     return f"{path}: {msg}" if path else msg
@@ -29,6 +32,9 @@ class FieldErrors(Exception):
     def __init__(self, errors: list[tuple[str, str]]):
         super().__init__(errors[0][1])
         self.errors = errors
+
+    def __reduce__(self):
+        return (type(self), (self.errors,))
 
 
 class Checks:

@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 import ray
 from ray.exceptions import (
-    ActorUnavailableError, ObjectLostError, OwnerDiedError, RayActorError, WorkerCrashedError)
+    ActorDiedError, ActorUnavailableError, ObjectLostError, OwnerDiedError, RayActorError,
+    WorkerCrashedError)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from metapeft_dist.job import Job
@@ -56,7 +57,21 @@ SCALE_CHECK_SECONDS = 5.0
 
 
 class ClusterError(RuntimeError):
-    """The Ray cluster cannot run this job (unreachable, or no `mlx` workers)."""
+    """The Ray cluster cannot run this job (unreachable, no `mlx` workers, or none of
+    them could build the job)."""
+
+
+def setup_failure(err: BaseException) -> str | None:
+    """What a worker's constructor raised, as ``Name: message`` (the last line of the
+    traceback Ray carries), when that is why the worker died; None for any other loss.
+    Ray does not restart such a worker: the node lacks something the job needs (a
+    ``family.path`` directory, a ``model.path``, a package)."""
+    if not (isinstance(err, ActorDiedError) and err.actor_init_failed):
+        return None
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    name, colon, message = last.partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}{colon}{message}"
 
 
 class StallError(RuntimeError):
@@ -152,6 +167,7 @@ class RayExecutor:
         self.slots: deque = deque()  # a handle per chunk it can take now
         self.pings: dict[Any, Any] = {}  # ping ref -> worker handle (starting or recovering)
         self.retry_at: dict[Any, float] = {}  # recovering handle -> when to ping again
+        self.failed_setup: dict[Any, str] = {}  # handle -> why its constructor failed
         # Nodes: Ray node id -> label (its host name, numbered when several nodes share
         # one, as on a test cluster), and the workers answering on each.
         self.node_labels: dict[str, str] = {}
@@ -253,6 +269,14 @@ class RayExecutor:
             self._worker_down(handle)
             self.retry_at[handle] = time.monotonic()
 
+    def _setup_failed(self, handle: Any, failure: str) -> None:
+        """A worker could not build the job: it is not pinged again; the job goes on
+        with the others, or ends with the reason when none is left."""
+        self.failed_setup[handle] = failure
+        self.log(f"a worker could not start: {failure}")
+        if len(self.failed_setup) == len(self.workers):
+            raise ClusterError(f"no MLX worker could start the job: {failure}")
+
     def _ping_recovering(self) -> None:
         now = time.monotonic()
         for handle, when in list(self.retry_at.items()):
@@ -293,8 +317,11 @@ class RayExecutor:
                 try:
                     self._worker_up(handle, ray.get(ref))
                     self.slots.extend([handle] * SLOTS_PER_WORKER)
-                except LOST:
-                    self.retry_at[handle] = time.monotonic() + PING_RETRY_SECONDS
+                except LOST as err:
+                    if (failure := setup_failure(err)) is None:
+                        self.retry_at[handle] = time.monotonic() + PING_RETRY_SECONDS
+                    else:
+                        self._setup_failed(handle, failure)
                 continue
             handle, key, frame_ref, dispatched = self._inflight.pop(ref)
             try:
@@ -346,7 +373,8 @@ class RayExecutor:
             if results:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > self.runtime.stall_timeout:
-                live = len(self.workers) - len(self.retry_at) - len(self.pings)
+                live = (len(self.workers) - len(self.retry_at) - len(self.pings)
+                        - len(self.failed_setup))
                 raise StallError(
                     f"no task result for {self.runtime.stall_timeout:.0f} s "
                     f"({live} of {len(self.workers)} workers answering)")

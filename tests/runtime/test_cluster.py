@@ -316,3 +316,39 @@ metrics: {{enabled: false}}
     inits = results["evaluation"]["shots"]["2"]["inits"]
     assert set(inits) == {"meta", "random"} and all(len(v["mean"]) == 3
                                                     for v in inits.values())
+
+
+def test_workers_that_cannot_build_the_job_end_it_with_their_reason(cluster, tmp_path):
+    """A JSONL job whose tasks exist where the driver runs but not on the worker nodes:
+    every worker's constructor fails, and the run ends at once with what they raised
+    instead of waiting runtime.stall_timeout for workers that will never answer."""
+    from metapeft_dist.job import build_job
+    from metapeft_dist.runtime.driver import ClusterError, RayExecutor
+
+    data = tmp_path / "tasks"
+    data.mkdir()
+    words = {"weather": "rain storm sun snow wind fog", "food": "pasta bread pizza soup cake pie"}
+    for i in range(4):
+        (data / f"task{i}.jsonl").write_text("".join(
+            json.dumps({"text": f"{word} {i}", "label": label}) + "\n"
+            for label, line in words.items() for word in line.split()))
+    spec = parse_spec(f"""
+family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
+model: {{kind: encoder, train: lora, lora: {{}}}}
+algorithm: {{name: fomaml, meta_batch: 2, iterations: 2}}
+runtime: {{workers: 2, chunk: 1, stall_timeout: 600}}
+""")
+    job = build_job(spec)  # the driver's machine holds the tasks
+    for file in data.iterdir():  # the worker nodes do not
+        file.unlink()
+    data.rmdir()
+    executor = RayExecutor(job)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClusterError) as err:
+            executor.step(0)
+        assert str(err.value) == (f"no MLX worker could start the job: ConfigError: "
+                                  f"family.path: {data} is not a directory")
+        assert time.monotonic() - started < 60
+    finally:
+        executor.close()
