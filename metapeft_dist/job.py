@@ -11,7 +11,9 @@ resumed run builds it on its checkpoint's frozen base the same way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -64,6 +66,8 @@ class Job:
     algorithm: MetaAlgorithm
     frozen: Params
     initial_meta: Meta
+    # the task files the family was built from, when they are the user's (family_files)
+    files: dict[str, bytes] | None = field(default=None, repr=False)
     _pretrained: Params | None = field(default=None, repr=False)
 
     def loss_fn(self, frozen: Params | None = None) -> LossFn:
@@ -125,6 +129,22 @@ def to_mx(episode: Episode) -> Task:
     return tuple(mx.array(a) for a in episode.arrays())  # type: ignore[return-value]
 
 
+def family_files(spec: JobSpec) -> dict[str, bytes] | None:
+    """The files the job's task family reads from this machine's disk, by name: a
+    ``jsonl`` family's task files (a worker on another machine gets them by wire, see
+    :func:`with_family_path`); None for the built-in families, which every install has."""
+    if spec.family.name != "jsonl":
+        return None
+    from metapeft_dist.tasks.text import jsonl_files
+
+    return {file.name: file.read_bytes() for file in jsonl_files(spec.family.path)}
+
+
+def with_family_path(spec: JobSpec, path: str | Path) -> JobSpec:
+    """``spec`` reading its (jsonl) task files from ``path``."""
+    return dataclasses.replace(spec, family=dataclasses.replace(spec.family, path=str(path)))
+
+
 def build_job(spec: JobSpec, frozen_frame: bytes | None = None) -> Job:
     """The job of ``spec``. ``frozen_frame``: a frozen base built before, as a wire frame
     of ``{"frozen": Job.stored_frozen()}`` (the driver's, sent to a worker; a
@@ -133,13 +153,15 @@ def build_job(spec: JobSpec, frozen_frame: bytes | None = None) -> Job:
     real ones arrive in (by wire, or from the checkpoint): a hypernetwork's base adapters
     stay the standard init, and ``algorithm.hyper.init``'s run is not read. Raises
     :class:`metapeft_dist.wire.WireError` for a frame of another tree."""
+    files = family_files(spec)
     family = make_family(spec.family)
     info = family.info
     out_dim = 1 if info.kind == "regression" else spec.family.ways
     model = build_model(spec.model, info.input_shape, out_dim, family)
     objective = objective_for(info.kind)
     algorithm = make_algorithm(spec)
-    job = Job(spec, family, model, objective, algorithm, frozen={}, initial_meta={})
+    job = Job(spec, family, model, objective, algorithm, frozen={}, initial_meta={},
+              files=files)
     params = model.init(mx.random.key(spec.seed))
     if spec.model.base == "pretrained" and frozen_frame is None:
         base = job.pretrained()

@@ -159,7 +159,9 @@ class RayExecutor:
         frozen_frame = encode({"frozen": job.stored_frozen()}, 0)
         self.ps = ServerActor.remote(self.spec.to_dict(), encode(job.initial_meta, 0),
                                      frozen_frame, total, resume_path)
-        self._frozen_ref = ray.put(frozen_frame)  # every worker builds its job on it
+        # every worker builds its job on these (and needs no files of this machine)
+        self._frozen_ref = ray.put(frozen_frame)
+        self._files_ref = ray.put(job.files)
         self.version = ray.get(self.ps.get_version.remote())
         self._worker_class = ray.remote(RayWorker).options(
             num_cpus=0, resources={"mlx": 1}, max_restarts=-1, max_task_retries=0)
@@ -209,7 +211,8 @@ class RayExecutor:
         return int(ray.cluster_resources().get("mlx", 0))
 
     def _add_worker(self) -> None:
-        handle = self._worker_class.remote(self.spec.to_dict(), self._frozen_ref)
+        handle = self._worker_class.remote(self.spec.to_dict(), self._frozen_ref,
+                                           self._files_ref)
         self.workers.append(handle)
         self.created_at[handle] = time.time()
         self.pings[handle.ping.remote()] = handle

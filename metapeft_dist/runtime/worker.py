@@ -3,16 +3,18 @@ driver sends), then turns (meta-parameters, a chunk of task keys) into the chunk
 outer gradient.
 
 A plain class; the driver runs one per machine as a Ray actor pinned by the ``mlx``
-custom resource. The frozen base arrives once, at the start; then only task keys arrive
-(the worker samples the tasks itself) and only the trainable meta-parameters travel, as
-wire frames, in both directions.
+custom resource. The frozen base and a JSONL family's task files arrive once, at the
+start; then only task keys arrive (the worker samples the tasks itself) and only the
+trainable meta-parameters travel, as wire frames, in both directions.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Hashable
 
 import mlx.core as mx
@@ -20,17 +22,26 @@ import mlx.core as mx
 import metapeft_dist  # noqa: F401  (OpenBLAS before mlx)
 from metapeft_dist.config import from_dict
 from metapeft_dist.cost import read_energy_joules
-from metapeft_dist.job import build_job
+from metapeft_dist.job import build_job, with_family_path
 from metapeft_dist.wire import TreeSpec, decode, encode
 
 
 class Worker:
-    def __init__(self, spec: dict[str, Any], frozen_frame: bytes | None = None):
+    def __init__(self, spec: dict[str, Any], frozen_frame: bytes | None = None,
+                 files: dict[str, bytes] | None = None):
         """``frozen_frame``: the driver's frozen base (``Job.stored_frozen`` as a wire
         frame), so the worker does not pretrain it again nor read the run directory of
-        ``algorithm.hyper.init``; without it the worker builds everything from the spec."""
+        ``algorithm.hyper.init``; without it the worker builds everything from the spec.
+        ``files``: the task files the driver's job was built from (``Job.files``), kept in a
+        directory of this worker's own, so they need not exist on its machine."""
         t0 = time.perf_counter()
         self.spec = from_dict(spec)
+        self._files = None
+        if files is not None:
+            self._files = tempfile.TemporaryDirectory(prefix="metapeft-tasks-")
+            for name, content in files.items():
+                (Path(self._files.name) / Path(name).name).write_bytes(content)
+            self.spec = with_family_path(self.spec, self._files.name)
         self.job = build_job(self.spec, frozen_frame)
         self.tree_spec = TreeSpec.of(self.job.initial_meta)
         self.loss_fn = self.job.loss_fn()

@@ -194,8 +194,9 @@ def read_task(file: Path, shown: str, texts: list[str], labels: list[int],
     return JsonlTask(shown, tuple(local.values()), tuple(first_lines), line_no)
 
 
-def load_jsonl_dir(path: str) -> tuple[TextCorpus, list[JsonlTask]]:
-    """Every ``*.jsonl`` file of ``path`` in name order, as one corpus and its tasks."""
+def jsonl_files(path: str) -> list[Path]:
+    """The task files of a ``jsonl`` family: every ``*.jsonl`` file of ``path``, in name
+    order (their order makes the splits)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError([("family.path", f"{path} is not a directory")])
@@ -203,6 +204,20 @@ def load_jsonl_dir(path: str) -> tuple[TextCorpus, list[JsonlTask]]:
     if len(files) < len(SPLITS):
         raise ConfigError([("family.path", f"{path} holds {len(files)} *.jsonl task files; "
                                            f"meta-train, meta-val and meta-test need one each")])
+    return files
+
+
+def copy_jsonl_files(path: str, to: Path) -> Path:
+    """The task files of ``path`` copied into the directory ``to`` (created)."""
+    to.mkdir(parents=True, exist_ok=True)
+    for file in jsonl_files(path):
+        (to / file.name).write_bytes(file.read_bytes())
+    return to
+
+
+def load_jsonl_dir(path: str) -> tuple[TextCorpus, list[JsonlTask]]:
+    """Every ``*.jsonl`` file of ``path`` in name order, as one corpus and its tasks."""
+    files = jsonl_files(path)
     texts: list[str] = []
     labels: list[int] = []
     names: list[str] = []

@@ -6,7 +6,9 @@ a SIGKILLed driver resumes bitwise; async never applies a result staler than S."
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,10 +278,9 @@ LLAMA_TASKS = {
 }
 
 
-def test_a_tiny_llama_lora_job_meta_trains_on_three_nodes(cluster, tmp_path):
-    """A causal-LM LoRA job (a tiny llama saved by the test, a JSONL task family) on
-    the 3-node cluster: one worker per node, every task done once, only adapters in the
-    checkpoint, and meta-training moved them."""
+def _llama_job(tmp_path, iterations: int = 4) -> tuple:
+    """A causal-LM LoRA spec on a tiny llama saved by the test and a JSONL task family
+    of three files: (spec, llama directory, tasks directory)."""
     from tiny_llama import save_tiny_llama
 
     llama = save_tiny_llama(tmp_path / "llama")
@@ -293,12 +294,20 @@ def test_a_tiny_llama_lora_job_meta_trains_on_three_nodes(cluster, tmp_path):
 name: llama
 family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
 model: {{kind: causal_lm, path: {llama}, train: lora, max_len: 24, lora: {{rank: 2, layers: 1}}}}
-algorithm: {{name: fomaml, meta_batch: 3, iterations: 4}}
-runtime: {{mode: sync, chunk: 1}}
+algorithm: {{name: fomaml, meta_batch: 3, iterations: {iterations}}}
+runtime: {{mode: sync, chunk: 1, stall_timeout: 600}}
 inner: {{steps: 2, lr: 0.5}}
 eval: {{tasks: 4, shots: [2], steps: 2, every: 2, val_tasks: 2, chunk: 4}}
 metrics: {{enabled: false}}
 """)
+    return spec, llama, data
+
+
+def test_a_tiny_llama_lora_job_meta_trains_on_three_nodes(cluster, tmp_path):
+    """A causal-LM LoRA job (a tiny llama saved by the test, a JSONL task family) on
+    the 3-node cluster: one worker per node, every task done once, only adapters in the
+    checkpoint, and meta-training moved them."""
+    spec, _, _ = _llama_job(tmp_path)
     assert spec.eval.baselines == ("random",)  # no head: labels are the letters A, B
     results = run_job(spec, tmp_path / "run")
     runtime = results["runtime"]
@@ -318,37 +327,44 @@ metrics: {{enabled: false}}
                                                     for v in inits.values())
 
 
+def test_the_workers_get_the_task_files_from_the_driver(cluster, tmp_path):
+    """A JSONL family's files exist where the driver runs only (deleted once it has
+    read them): the workers get them from the driver and do every task."""
+    from metapeft_dist.job import build_job
+    from metapeft_dist.runtime.driver import RayExecutor
+
+    spec, _, data = _llama_job(tmp_path, iterations=2)
+    job = build_job(spec)
+    shutil.rmtree(data)
+    executor = RayExecutor(job)
+    try:
+        losses = [executor.step(iteration)[0] for iteration in range(2)]
+        stats = executor.stats()
+    finally:
+        executor.close()
+    assert all(math.isfinite(loss) for loss in losses)
+    assert stats["tasks_completed"] == 2 * 3 and stats["tasks_lost"] == 0
+
+
 def test_workers_that_cannot_build_the_job_end_it_with_their_reason(cluster, tmp_path):
-    """A JSONL job whose tasks exist where the driver runs but not on the worker nodes:
-    every worker's constructor fails, and the run ends at once with what they raised
-    instead of waiting runtime.stall_timeout for workers that will never answer."""
+    """The model directory exists where the driver runs but not on the worker nodes
+    (deleted once the driver has loaded it): every worker's constructor fails, and the
+    run ends at once with what they raised instead of waiting runtime.stall_timeout for
+    workers that will never answer."""
     from metapeft_dist.job import build_job
     from metapeft_dist.runtime.driver import ClusterError, RayExecutor
 
-    data = tmp_path / "tasks"
-    data.mkdir()
-    words = {"weather": "rain storm sun snow wind fog", "food": "pasta bread pizza soup cake pie"}
-    for i in range(4):
-        (data / f"task{i}.jsonl").write_text("".join(
-            json.dumps({"text": f"{word} {i}", "label": label}) + "\n"
-            for label, line in words.items() for word in line.split()))
-    spec = parse_spec(f"""
-family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
-model: {{kind: encoder, train: lora, lora: {{}}}}
-algorithm: {{name: fomaml, meta_batch: 2, iterations: 2}}
-runtime: {{workers: 2, chunk: 1, stall_timeout: 600}}
-""")
-    job = build_job(spec)  # the driver's machine holds the tasks
-    for file in data.iterdir():  # the worker nodes do not
-        file.unlink()
-    data.rmdir()
+    spec, llama, _ = _llama_job(tmp_path, iterations=2)
+    job = build_job(spec)
+    shutil.rmtree(llama)
     executor = RayExecutor(job)
     try:
         started = time.monotonic()
         with pytest.raises(ClusterError) as err:
             executor.step(0)
-        assert str(err.value) == (f"no MLX worker could start the job: ConfigError: "
-                                  f"family.path: {data} is not a directory")
+        assert str(err.value) == (
+            f"no MLX worker could start the job: FileNotFoundError: model.path: {llama} "
+            "is not a local mlx-lm model directory (no config.json)")
         assert time.monotonic() - started < 60
     finally:
         executor.close()
