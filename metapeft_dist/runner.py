@@ -8,6 +8,7 @@ baselines on meta-test tasks, and write everything to the run directory:
   RUN_DIR/results.json              curves, timings, runtime counters, evaluation, cost
   RUN_DIR/outcome.json              status, end time, duration, totals (also on failure)
   RUN_DIR/adapter/                  text runs: the selected init as an adapter
+  RUN_DIR/tasks/                    jsonl runs: the task files, which spec.yaml names
 
 While it runs, the job's metrics are served at ``metrics.address:metrics.port``
 (metrics.py); the cost figures come from cost.py.
@@ -31,7 +32,7 @@ import yaml
 from metapeft_dist.config import JobSpec
 from metapeft_dist.cost import SpendMeter, cost_summary
 from metapeft_dist.evaluate import Evaluator, summarize
-from metapeft_dist.job import Init, Job, build_job
+from metapeft_dist.job import Init, Job, build_job, with_family_path
 from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics, push_outcome
 from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
 from metapeft_dist.trainer import MetaTrainer
@@ -106,6 +107,17 @@ def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
                        resume.iteration if resume else 0, log, metrics)
 
 
+def keep_task_files(spec: JobSpec, files: dict[str, bytes], run_dir: Path) -> JobSpec:
+    """The run keeps the task files it was built from (RUN_DIR/tasks/) and its spec names
+    that copy: a resumed or re-evaluated run finds them wherever the originals went (a
+    submitted job's came with the submission, into a directory Ray removes later)."""
+    kept = run_dir.resolve() / "tasks"
+    kept.mkdir(exist_ok=True)
+    for name, content in files.items():
+        (kept / name).write_bytes(content)
+    return with_family_path(spec, kept)
+
+
 def find_resume_point(run_dir: Path, log: Callable[[str], None]) -> tuple[JobSpec, Checkpoint]:
     """The run's spec and its newest good checkpoint; corrupt newer ones are named and
     skipped."""
@@ -152,6 +164,8 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
                                        spec.metrics.port, log)
                 log(f"metrics at {server.url}")
             run_dir.mkdir(parents=True, exist_ok=True)
+            if resume is None and job.files is not None:
+                spec = keep_task_files(spec, job.files, run_dir)
             if resume is None:
                 (run_dir / "spec.yaml").write_text(
                     yaml.safe_dump(spec.to_dict(), sort_keys=False))

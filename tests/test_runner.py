@@ -110,3 +110,50 @@ def test_a_resumed_run_keeps_its_frozen_base_and_needs_no_init_run(tmp_path, tin
     a = load_checkpoint(whole["meta_training"]["checkpoint"]).meta
     b = load_checkpoint(resumed["meta_training"]["checkpoint"]).meta
     assert all(mx.array_equal(a[g][k], b[g][k]) for g in a for k in a[g])
+
+
+def test_a_jsonl_run_keeps_its_task_files_and_resumes_without_the_originals(tmp_path):
+    """A jsonl run copies its task files into RUN/tasks/ and its spec.yaml names the
+    copy, so it resumes (bitwise equal to an uninterrupted run) after the originals are
+    gone."""
+    from tiny_llama import save_tiny_llama
+
+    from metapeft_dist.runner import find_resume_point
+
+    llama = save_tiny_llama(tmp_path / "llama")
+    data = tmp_path / "tasks"
+    data.mkdir()
+    words = {"weather": "rain storm sun snow wind fog", "food": "pasta bread pizza soup cake pie"}
+    for i in range(3):
+        (data / f"task{i}.jsonl").write_text("".join(
+            json.dumps({"text": f"{word} {i}", "label": label}) + "\n"
+            for label, line in words.items() for word in line.split()))
+    originals = {f.name: f.read_bytes() for f in data.iterdir()}
+    spec = parse_spec(f"""
+family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
+model: {{kind: causal_lm, path: {llama}, train: lora, max_len: 24, lora: {{rank: 2, layers: 1}}}}
+algorithm: {{name: fomaml, meta_batch: 2, iterations: 4}}
+inner: {{steps: 2, lr: 0.5}}
+eval: {{tasks: 2, shots: [2], steps: 1, every: 0, select: last, chunk: 2}}
+checkpoint: {{every: 2}}
+runtime: {{mode: local}}
+metrics: {{enabled: false}}
+""")
+    whole = run_job(spec, tmp_path / "whole")
+    run_job(spec, tmp_path / "cut")
+    kept = (tmp_path / "cut").resolve() / "tasks"
+    assert {f.name: f.read_bytes() for f in kept.iterdir()} == originals
+    written = yaml.safe_load((tmp_path / "cut" / "spec.yaml").read_text())
+    assert written["family"]["path"] == str(kept)
+
+    _, newest = list_checkpoints(tmp_path / "cut" / "checkpoints")[-1]
+    newest.unlink()  # as if the driver had died before iteration 4's checkpoint
+    for file in data.iterdir():
+        file.unlink()
+    data.rmdir()
+    spec_again, checkpoint = find_resume_point(tmp_path / "cut", lambda message: None)
+    assert checkpoint.iteration == 2
+    resumed = run_job(spec_again, tmp_path / "cut", resume=checkpoint)
+    a = load_checkpoint(whole["meta_training"]["checkpoint"]).meta["params"]
+    b = load_checkpoint(resumed["meta_training"]["checkpoint"]).meta["params"]
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)

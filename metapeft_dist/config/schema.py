@@ -42,7 +42,9 @@ class FamilySpec:
     path: str | None = documented(
         "jsonl only, and required there: a directory of *.jsonl files, one task per file, "
         'each line {"text": str, "label": str or int}; files sorted by name, the last 25% '
-        "are meta-test and the 15% before them meta-val; every worker reads it",
+        "are meta-test and the 15% before them meta-val; read where the driver runs, "
+        "which sends the files to the workers (metapeft submit takes them along); the run "
+        "keeps a copy in RUN/tasks/ and its spec.yaml names it",
         default=None,
     )
 

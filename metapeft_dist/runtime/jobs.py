@@ -1,6 +1,7 @@
 """A cluster's jobs, through Ray's job server (``JobSubmissionClient``).
 
 A submitted job is the spec (validated here first) in a runtime_env working directory,
+with a ``jsonl`` family's task files beside it (``tasks/``, which the spec then names),
 and the entrypoint ``metapeft run spec.yaml --address auto --run-dir DIR``: the job's
 driver runs on the head node, joins the cluster and writes its run directory there.
 Every request carries the cluster token (metapeft_dist/remote.py). Every failure is one
@@ -28,6 +29,7 @@ from metapeft_dist.remote import JobServer, check_job_id
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 60.0  # how long submit waits for a starting head's job agent
 REMOTE_RUNS = "~/metapeft/runs"  # on the head node, when --run-dir is not given
+TASKS = "tasks"  # a jsonl family's files, in the job's working directory
 _META = "metapeft_"  # prefix of the job metadata keys this module writes
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)(:|$)")
 
@@ -59,6 +61,12 @@ class ClusterJobs:
         job_id = check_job_id(job_id) if job_id else new_job_id(spec.name)
         where = run_dir or f"{REMOTE_RUNS}/{job_id}"
         with tempfile.TemporaryDirectory(prefix="metapeft-submit-") as working_dir:
+            if spec.family.name == "jsonl":  # the tasks go with the job (the run keeps them)
+                from metapeft_dist.job import with_family_path
+                from metapeft_dist.tasks.text import copy_jsonl_files
+
+                copy_jsonl_files(spec.family.path, Path(working_dir) / TASKS)
+                spec = with_family_path(spec, TASKS)
             (Path(working_dir) / "spec.yaml").write_text(
                 yaml.safe_dump(spec.to_dict(), sort_keys=False))
 

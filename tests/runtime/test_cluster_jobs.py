@@ -189,6 +189,55 @@ def test_submit_wait_follows_a_job_to_succeeded(head, tmp_path):
     assert job_id in [job["job_id"] for job in listed]
 
 
+def test_a_jsonl_job_takes_its_task_files_along(head, tmp_path):
+    """The tasks of a jsonl job are files on the submitting machine: they go with the
+    submission, and the run keeps them (RUN/tasks/, named by its spec.yaml), so the job
+    succeeds although they are deleted here the moment submit returns."""
+    from tiny_llama import save_tiny_llama
+
+    llama = save_tiny_llama(tmp_path / "llama")
+    data = tmp_path / "tasks"
+    data.mkdir()
+    words = {"weather": "rain storm sun snow wind fog", "food": "pasta bread pizza soup cake pie"}
+    for i in range(3):
+        (data / f"task{i}.jsonl").write_text("".join(
+            json.dumps({"text": f"{word} {i}", "label": label}) + "\n"
+            for label, line in words.items() for word in line.split()))
+    originals = {f.name: f.read_bytes() for f in data.iterdir()}
+    spec = _spec(tmp_path, f"""
+name: mine
+family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
+model: {{kind: causal_lm, path: {llama}, train: lora, max_len: 24, lora: {{rank: 2, layers: 1}}}}
+algorithm: {{name: fomaml, meta_batch: 2, iterations: 4}}
+inner: {{steps: 2, lr: 0.5}}
+eval: {{tasks: 2, shots: [2], steps: 1, every: 0, select: last, chunk: 2}}
+metrics: {{enabled: false}}
+""")
+    run_dir = tmp_path / "run"
+    out = head.cli("submit", spec, "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr
+    shutil.rmtree(data)
+    job_id = out.stdout.strip()
+    follow = head.cli("logs", job_id, "--follow")
+    status = json.loads(head.cli("status", job_id, "--json").stdout)
+    assert status["status"] == "SUCCEEDED", follow.stdout[-2000:]
+    kept = run_dir / "tasks"
+    assert {f.name: f.read_bytes() for f in kept.iterdir()} == originals
+    assert yaml.safe_load((run_dir / "spec.yaml").read_text())["family"]["path"] == str(kept)
+    assert json.loads((run_dir / "results.json").read_text())["runtime"]["tasks_completed"] \
+        == 4 * 2
+
+
+def test_a_jsonl_job_without_its_task_files_is_refused_here(head, tmp_path):
+    spec = _spec(tmp_path, "family: {name: jsonl, path: /nonexistent/tasks}\n"
+                           "model: {kind: encoder, train: lora, lora: {}}\n"
+                           "algorithm: {name: fomaml}\n")
+    out = head.cli("submit", spec)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines == [
+        "error: family.path: /nonexistent/tasks is not a directory"], out.stderr
+
+
 def test_stop_ends_a_running_job_as_stopped_and_keeps_its_checkpoints(head, tmp_path):
     run_dir = tmp_path / "run"
     out = head.cli("submit", _spec(tmp_path, LONG), "--run-dir", str(run_dir))
