@@ -116,19 +116,13 @@ def test_a_jsonl_run_keeps_its_task_files_and_resumes_without_the_originals(tmp_
     """A jsonl run copies its task files into RUN/tasks/ and its spec.yaml names the
     copy, so it resumes (bitwise equal to an uninterrupted run) after the originals are
     gone."""
-    from tiny_llama import save_tiny_llama
+    from tiny_llama import save_tiny_llama, save_tiny_tasks
 
     from metapeft_dist.runner import find_resume_point
 
     llama = save_tiny_llama(tmp_path / "llama")
     data = tmp_path / "tasks"
-    data.mkdir()
-    words = {"weather": "rain storm sun snow wind fog", "food": "pasta bread pizza soup cake pie"}
-    for i in range(3):
-        (data / f"task{i}.jsonl").write_text("".join(
-            json.dumps({"text": f"{word} {i}", "label": label}) + "\n"
-            for label, line in words.items() for word in line.split()))
-    originals = {f.name: f.read_bytes() for f in data.iterdir()}
+    originals = save_tiny_tasks(data)
     spec = parse_spec(f"""
 family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
 model: {{kind: causal_lm, path: {llama}, train: lora, max_len: 24, lora: {{rank: 2, layers: 1}}}}

@@ -6,6 +6,7 @@ The tokenizer is a byte-level BPE trained (with the ``tokenizers`` package) on a
 fixed English text that holds the classifier's prompt ("Text: ...\\nLabel: A"), so the
 verbalizer tokens " A", " B", ... are single tokens as in real LLM vocabularies. The
 weights are random with a fixed seed: same directory contents on every run.
+``save_tiny_tasks(directory)`` writes a few two-label JSONL tasks for it.
 """
 
 from __future__ import annotations
@@ -118,3 +119,16 @@ def save_tiny_llama(directory, seed: int = 0) -> Path:
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     mx.save_safetensors(str(directory / "model.safetensors"), random_weights(config, seed))
     return directory
+
+
+def save_tiny_tasks(directory, files: int = 3) -> dict[str, bytes]:
+    """Write ``files`` two-label JSONL tasks (6 texts per label) into ``directory``
+    (created) and return their contents by file name."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = {"weather": "rain storm sun snow wind fog", "food": "pasta bread pizza soup cake pie"}
+    for i in range(files):
+        (directory / f"task{i}.jsonl").write_text("".join(
+            json.dumps({"text": f"{word} {i}", "label": label}) + "\n"
+            for label, line in words.items() for word in line.split()))
+    return {f.name: f.read_bytes() for f in directory.iterdir()}

@@ -193,17 +193,11 @@ def test_a_jsonl_job_takes_its_task_files_along(head, tmp_path):
     """The tasks of a jsonl job are files on the submitting machine: they go with the
     submission, and the run keeps them (RUN/tasks/, named by its spec.yaml), so the job
     succeeds although they are deleted here the moment submit returns."""
-    from tiny_llama import save_tiny_llama
+    from tiny_llama import save_tiny_llama, save_tiny_tasks
 
     llama = save_tiny_llama(tmp_path / "llama")
     data = tmp_path / "tasks"
-    data.mkdir()
-    words = {"weather": "rain storm sun snow wind fog", "food": "pasta bread pizza soup cake pie"}
-    for i in range(3):
-        (data / f"task{i}.jsonl").write_text("".join(
-            json.dumps({"text": f"{word} {i}", "label": label}) + "\n"
-            for label, line in words.items() for word in line.split()))
-    originals = {f.name: f.read_bytes() for f in data.iterdir()}
+    originals = save_tiny_tasks(data)
     spec = _spec(tmp_path, f"""
 name: mine
 family: {{name: jsonl, path: {data}, ways: 2, shots: 2, query: 2}}
