@@ -417,17 +417,19 @@ def _variant(job: str, name: str, lora: dict) -> Path:
 
 
 def bench_hyper_section() -> dict:
-    """The digits hypernetwork against FOMAML of the same adapters, and RQ2 on digits."""
+    """The digits hypernetwork against FOMAML of the same adapters, and RQ2 on digits at 5
+    and 1 shots."""
     runs = {name: _run(ROOT / "jobs" / f"{name}.yaml")["run_dir"]
             for name in ("digits-lora-fomaml", "digits-hyper", "digits-fomaml")}
     out: dict = {"runs": runs,
                  "compare": hyper_compare(runs["digits-hyper"], runs["digits-lora-fomaml"], 300)}
     rank8 = _variant("digits-lora-fomaml", "digits-lora-r8", {"rank": 8, "alpha": 8.0})
-    out["select"] = bench_select(["digits"], [runs["digits-lora-fomaml"], runs["digits-hyper"],
+    for shots, name in ((5, "select"), (1, "select_1shot")):
+        out[name] = bench_select(["digits"], [runs["digits-lora-fomaml"], runs["digits-hyper"],
                                               runs["digits-fomaml"], str(rank8)],
                                  tasks=150, cache=OUT / "select-cache",
                                  query=169,  # every image of a class's smallest (174) but the shots
-                                 cv=True)
+                                 cv=True, shots=shots)
     return out
 
 

@@ -7,8 +7,8 @@ PEFT configuration among the runs (LoRA rank, scale and layers; ``all`` weights 
 digits run), head-only tuning, and, on digits, fine-tuning every weight from the
 pretrained base. A job spec file (.yaml) among the runs adds its PEFT configuration's
 standard init only (a LoRA rank or layer count no run was meta-trained with). Each
-configuration is adapted ``STEPS`` steps at ``SHOTS`` shots and scored on ``--query``
-examples per class (default 15), on the same tasks.
+configuration is adapted ``STEPS`` steps at ``--shots`` shots (default 5) and scored on
+``--query`` examples per class (default 15), on the same tasks.
 
 Outcomes are recorded on meta-validation tasks of every family (the predictor's training
 data) and measured on meta-test tasks (held-out categories). Tasks are embedded with
@@ -23,7 +23,8 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
     miss is not the shift from meta-validation to meta-test categories;
   - with ``--support-cv``, two rules that need no records, each choosing between the
     global choice and its rival (below): the one with the better leave-one-shot-out
-    accuracy on the task's own support set (``support_cv``; SHOTS x the adaptations),
+    accuracy on the task's own support set (``support_cv``; shots x the adaptations;
+    not at 1 shot),
     and the one that fits the support set better, its accuracy on the support set
     after the STEPS steps (``support_fit``; on digits the best-correlated of the
     support-set landmarks tried, r ~0.8 with the per-task difference);
@@ -36,7 +37,7 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
     as the truth, redrawing each as binomial(n, p) / n (200 draws), and counting how
     often the truly best configuration is within 1 point of the redrawn best. A larger
     ``--query`` raises it (the largest a family allows: its smallest val or test class
-    less SHOTS; 169 on digits, 46 on wordnet and fortunes); a task's support set is the
+    less the shots; 169 on digits, 46 on wordnet and fortunes); a task's support set is the
     same whatever the query size.
   - whether the tasks where the global choice loses are real or the query draw: the
     split-half reliability (``split_half``) of the per-task difference between the
@@ -46,7 +47,8 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
 Per-task accuracies are kept in CACHE (default .bench/select-cache/), so adding a run
 re-measures only its configurations.
 
-    python bench/select_bench.py [--tasks N] [--query Q] [--cache DIR] [--support-cv]
+    python bench/select_bench.py [--tasks N] [--query Q] [--shots K] [--cache DIR]
+                                 [--support-cv]
                                  FAMILIES RUN_OR_SPEC...
 """
 
@@ -119,35 +121,35 @@ def _job(spec, family: str):
     return build_job(retarget(spec, family, overrides=overrides))
 
 
-def support_cv(evaluator, start, split: str, tasks: int) -> np.ndarray:
+def support_cv(evaluator, start, split: str, tasks: int, shots: int = SHOTS) -> np.ndarray:
     """Each task's leave-one-shot-out accuracy on its own support set: adapted ``STEPS``
-    steps on SHOTS - 1 examples per class, scored on the one left out, averaged over the
-    SHOTS folds (what a user could measure without a query set)."""
+    steps on shots - 1 examples per class, scored on the one left out, averaged over the
+    ``shots`` folds (what a user could measure without a query set)."""
     import mlx.core as mx
 
     job = evaluator.job
     ways = job.spec.family.ways
-    episodes = job.episodes(split, STREAM, range(tasks), SHOTS, 1)
+    episodes = job.episodes(split, STREAM, range(tasks), shots, 1)
     sx, sy = np.asarray(episodes.support_x), np.asarray(episodes.support_y)
-    assert (sy == np.repeat(np.arange(ways), SHOTS)).all(), "support sets are class-major"
+    assert (sy == np.repeat(np.arange(ways), shots)).all(), "support sets are class-major"
     out = np.zeros(tasks)
-    for j in range(SHOTS):
-        held = np.arange(ways) * SHOTS + j
-        kept = np.setdiff1d(np.arange(ways * SHOTS), held)
+    for j in range(shots):
+        held = np.arange(ways) * shots + j
+        kept = np.setdiff1d(np.arange(ways * shots), held)
         for b in range(0, tasks, 20):
             part = slice(b, b + 20)
             out[part] += evaluator.score(start, mx.array(sx[part][:, kept]),
                                          mx.array(sy[part][:, kept]),
                                          mx.array(sx[part][:, held]),
-                                         mx.array(sy[part][:, held]))[:, 0] / SHOTS
+                                         mx.array(sy[part][:, held]))[:, 0] / shots
     return out
 
 
-def support_fit(evaluator, start, split: str, tasks: int) -> np.ndarray:
+def support_fit(evaluator, start, split: str, tasks: int, shots: int = SHOTS) -> np.ndarray:
     """Each task's accuracy on its own support set after ``STEPS`` steps on it."""
     import mlx.core as mx
 
-    episodes = evaluator.job.episodes(split, STREAM, range(tasks), SHOTS, 1)
+    episodes = evaluator.job.episodes(split, STREAM, range(tasks), shots, 1)
     sx, sy = mx.array(episodes.support_x), mx.array(episodes.support_y)
     return np.concatenate([evaluator.score(start, sx[b:b + 20], sy[b:b + 20],
                                            sx[b:b + 20], sy[b:b + 20])[:, 0]
@@ -158,7 +160,7 @@ ON_SUPPORT = {"support-cv": support_cv, "support-fit": support_fit}
 
 
 def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: Path,
-            query: int = QUERY, on: str = "query") -> dict:
+            query: int = QUERY, on: str = "query", shots: int = SHOTS) -> dict:
     """Per configuration, the query accuracy of ``tasks`` tasks after ``STEPS`` steps,
     or with ``on`` "support-cv" or "support-fit" their :func:`support_cv` or
     :func:`support_fit` accuracy (cached per configuration, family, split and task
@@ -172,7 +174,7 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
     for key, (path, init) in configs.items():
         scored = query if on == "query" else on
         ident = hashlib.sha256(f"{key}|{Path(path).resolve()}|{family}|{split}|{tasks}|"
-                               f"{SHOTS}|{scored}|{STEPS}|{STREAM}|{DRAWS}".encode()
+                               f"{shots}|{scored}|{STEPS}|{STREAM}|{DRAWS}".encode()
                                ).hexdigest()[:16]
         file = cache / f"{ident}.json"
         if file.is_file():
@@ -189,8 +191,9 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
             start = job.baseline({"standard": "random"}.get(init, init))
         t0 = time.time()
         evaluator = Evaluator(job, STEPS, final_only=True)
-        accuracy[key] = (evaluator.curves(start, split, SHOTS, tasks, STREAM, 20, query)[:, 0]
-                         if on == "query" else ON_SUPPORT[on](evaluator, start, split, tasks)
+        accuracy[key] = (evaluator.curves(start, split, shots, tasks, STREAM, 20, query)[:, 0]
+                         if on == "query" else ON_SUPPORT[on](evaluator, start, split, tasks,
+                                                              shots)
                          ).tolist()
         file.write_text(json.dumps(accuracy[key]))
         print(f"  {family}/{split} {key}{'' if on == 'query' else f' ({on})'}: "
@@ -199,20 +202,20 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
     return accuracy
 
 
-def embed(probe_job, family: str, split: str, tasks: int, cache: Path
+def embed(probe_job, family: str, split: str, tasks: int, cache: Path, shots: int = SHOTS
           ) -> tuple[np.ndarray, str]:
     """The tasks' embeddings and the probe's name (cached per probe, family, split)."""
     from metapeft_dist.embed import family_samples, make_embedder, probe_from_job
 
     job = probe_job(family)
     probe = probe_from_job(job)
-    ident = hashlib.sha256(f"{KIND}|{probe.name}|{family}|{split}|{tasks}|{SHOTS}|{STREAM}|{DRAWS}"
+    ident = hashlib.sha256(f"{KIND}|{probe.name}|{family}|{split}|{tasks}|{shots}|{STREAM}|{DRAWS}"
                            .encode()).hexdigest()[:16]
     file = cache / f"embeddings-{ident}.npy"
     if file.is_file():
         return np.load(file), probe.name
     t0 = time.time()
-    vectors = make_embedder(KIND, probe).embed(family_samples(job, split, STREAM, tasks, SHOTS))
+    vectors = make_embedder(KIND, probe).embed(family_samples(job, split, STREAM, tasks, shots))
     np.save(file, vectors)
     print(f"  {family}/{split}: {tasks} embeddings ({time.time() - t0:.0f} s)", flush=True)
     return vectors, probe.name
@@ -249,7 +252,8 @@ def split_half(full: np.ndarray, half: np.ndarray, query: int) -> tuple[float, f
 
 
 def bench_select(families: list[str], paths: list[str], tasks: int = 40,
-                 cache: Path | None = None, query: int = QUERY, cv: bool = False) -> dict:
+                 cache: Path | None = None, query: int = QUERY, cv: bool = False,
+                 shots: int = SHOTS) -> dict:
     from metapeft_dist.adapt import probe_model, probe_spec, run_centroid, run_evaluation
     from metapeft_dist.evaluate import mean_ci95
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
@@ -270,14 +274,15 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     data = {}
     for family in families:
         for split in ("val", "test"):
-            vectors, probe = embed(probe_job, family, split, tasks, cache)
+            vectors, probe = embed(probe_job, family, split, tasks, cache, shots)
             data[(family, split)] = {
-                "accuracy": measure(sources, configs, family, split, tasks, cache, query),
+                "accuracy": measure(sources, configs, family, split, tasks, cache, query,
+                                    shots=shots),
                 "embeddings": vectors, "probe": probe,
                 "tasks": [f"{family}/{split}/{i}" for i in range(tasks)]}
     def outcomes(split: str, keep=lambda i: True) -> list:
         return [Outcome(d["tasks"][i], config, acc[i], d["embeddings"][i], KIND, d["probe"],
-                        SHOTS, STEPS)
+                        shots, STEPS)
                 for (f, s), d in data.items() if s == split
                 for config, acc in d["accuracy"].items() for i in range(tasks) if keep(i)]
 
@@ -291,7 +296,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     runs = [p for p, (_, checkpoint) in sources.items() if checkpoint is not None]
     centroids = ([run_centroid(r, KIND, probe_model(specs), data[(families[0], "val")]["probe"])
                   for r in runs] if text else [])
-    evaluations = {r: e for r in runs if (e := run_evaluation(r, SHOTS)) is not None}
+    evaluations = {r: e for r in runs if (e := run_evaluation(r, shots)) is not None}
 
     rows: dict[str, list[float]] = {"predictor": [], "predictor_cv": [], "global": [],
                                     "oracle": [],
@@ -317,7 +322,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
             if centroids:
                 choice, _, _ = choose_by_similarity(d["embeddings"][i], centroids, evaluations)
                 rows["similarity"].append(scores[choice.key])
-    out: dict = {"families": families, "tasks_per_family": tasks, "shots": SHOTS,
+    out: dict = {"families": families, "tasks_per_family": tasks, "shots": shots,
                  "query": query, "steps": STEPS, "configurations": sorted(configs),
                  "global_best": best_global}
     print(f"  global best on the recorded tasks: {best_global}", flush=True)
@@ -337,16 +342,16 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     full = np.concatenate([np.array([d["accuracy"][c] for c in pair]).T for _, d in test_tasks])
     half = np.concatenate([np.array([a[c] for c in pair]).T for f, _ in test_tasks
                            for a in [measure(sources, pair, f, "test", tasks, cache,
-                                             query // 2)]])
+                                             query // 2, shots=shots)]])
     r, reliability = split_half(full, half, query)
     out["split_half"] = {"pair": list(pair), "r": r, "reliability": reliability}
     print(f"  {best_global} - {rival} per task: split-half r {r:.2f}, {100 * reliability:.0f}% "
           f"of its variance is the task's own (the rest: the query draw)", flush=True)
     if cv:  # the rival where it beats the global choice on the task's support set
-        for on in ON_SUPPORT:
+        for on in ON_SUPPORT if shots > 1 else ["support-fit"]:  # no folds of one shot
             rule = rows[on.replace("-", "_")] = []
             for f, d in test_tasks:
-                seen = measure(sources, pair, f, "test", tasks, cache, on=on)
+                seen = measure(sources, pair, f, "test", tasks, cache, on=on, shots=shots)
                 for i in range(tasks):
                     pick = rival if seen[rival][i] > seen[best_global][i] else best_global
                     rule.append(d["accuracy"][pick][i])
@@ -384,13 +389,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=40, help="tasks per family and split")
     parser.add_argument("--query", type=int, default=QUERY, help="query examples per class")
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--shots", type=int, default=SHOTS, help="support examples per class")
     parser.add_argument("--support-cv", action="store_true",
                         help="also choose between the global choice and its rival by "
                              "leave-one-shot-out accuracy on each task's support set, and "
                              "by accuracy on the support set after adapting to it")
     args = parser.parse_args(argv)
     result = bench_select(args.families.split(","), args.runs, args.tasks, args.cache,
-                          args.query, args.support_cv)
+                          args.query, args.support_cv, args.shots)
     print(json.dumps(result, indent=1))
 
 
