@@ -294,8 +294,8 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
               for k in range(FOLDS)]
     best_global = global_best(records)
     runs = [p for p, (_, checkpoint) in sources.items() if checkpoint is not None]
-    centroids = ([run_centroid(r, KIND, probe_model(specs), data[(families[0], "val")]["probe"])
-                  for r in runs] if text else [])
+    centroids = ([run_centroid(r, KIND, probe_model(specs), data[(families[0], "val")]["probe"],
+                               shots) for r in runs] if text else [])
     evaluations = {r: e for r in runs if (e := run_evaluation(r, shots)) is not None}
 
     rows: dict[str, list[float]] = {"predictor": [], "predictor_cv": [], "global": [],

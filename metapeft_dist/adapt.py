@@ -262,13 +262,16 @@ def probe_spec(spec: JobSpec, model) -> JobSpec:
 
 
 def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
-                 probe_name: str | None = None):
+                 probe_name: str | None = None, shots: int | None = None):
     """Where a text run's tasks lie (:class:`metapeft_dist.selection.Centroid`), cached
-    in ``RUN_DIR/task-embedding-<kind>.json``: the mean embedding of its first
-    ``CENTROID_TASKS`` meta-train tasks and the ``RADIUS_QUANTILE``th percentile of its
-    meta-validation tasks' distances to it, through the model spec ``probe`` (default:
-    :func:`probe_model` of the run). A cache of another probe than ``probe_name`` is
-    computed again."""
+    in ``RUN_DIR/task-embedding-<kind>-<shots>shot.json``: the mean embedding of its
+    first ``CENTROID_TASKS`` meta-train tasks and the ``RADIUS_QUANTILE``th percentile of
+    its meta-validation tasks' distances to it, through the model spec ``probe``
+    (default: :func:`probe_model` of the run), their support sets drawn at ``shots``
+    examples per class (default: the run's own). Compare a task with the centroid of its
+    own shot count: an embedding of fewer examples lies farther from any centroid (at 1
+    shot, outside the 5-shot radius of its own family). A cache of another probe than
+    ``probe_name`` is computed again."""
     from metapeft_dist.embed import distance, family_samples, make_embedder, probe_from_job
     from metapeft_dist.job import build_job
     from metapeft_dist.selection import Centroid, peft_name
@@ -276,7 +279,8 @@ def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
     run_dir = Path(run_dir)
     spec = run_spec(run_dir)
     peft = peft_name(spec.model)
-    cache = run_dir / f"task-embedding-{kind}.json"
+    shots = shots or spec.family.shots
+    cache = run_dir / f"task-embedding-{kind}-{shots}shot.json"
     try:
         saved = json.loads(cache.read_text())
         if probe_name is None or saved["probe"] == probe_name:
@@ -287,8 +291,8 @@ def run_centroid(run_dir: str | Path, kind: str = "task2vec", probe=None,
     job = build_job(probe_spec(spec, probe if probe is not None else probe_model([spec])))
     probe = probe_from_job(job)
     embedder = make_embedder(kind, probe)
-    train = embedder.embed(family_samples(job, "train", 0, CENTROID_TASKS))
-    held = embedder.embed(family_samples(job, "val", 0, CENTROID_TASKS))
+    train = embedder.embed(family_samples(job, "train", 0, CENTROID_TASKS, shots))
+    held = embedder.embed(family_samples(job, "val", 0, CENTROID_TASKS, shots))
     vector = train.mean(axis=0)
     radius = float(np.percentile([distance(v, vector) for v in held], RADIUS_QUANTILE))
     centroid = Centroid(str(run_dir), kind, probe.name, vector, radius, peft)
@@ -357,7 +361,8 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
     probe = probe_model(list(specs.values()))
     task = embed_file(data, probe, kind)
     embedding = np.asarray(task["embedding"])
-    centroids = [run_centroid(c, kind, probe, task["probe"]) for c in specs]
+    shots = max(1, round(task["examples"] / len(task["labels"])))
+    centroids = [run_centroid(c, kind, probe, task["probe"], shots) for c in specs]
     store = OutcomeStore(outcomes) if outcomes else None
     choices = configurations(specs)
     try:
@@ -366,7 +371,6 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
             key, why, predictions = predictor.choose(embedding, list(choices))
             choice, method, detail = choices[key], "outcomes", predictions
         else:
-            shots = max(1, round(task["examples"] / len(task["labels"])))
             evaluations = {c: e for c in specs if (e := run_evaluation(c, shots)) is not None}
             choice, why, detail = choose_by_similarity(embedding, centroids, evaluations)
             method = "similarity"

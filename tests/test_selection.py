@@ -231,7 +231,7 @@ def test_adapt_auto_chooses_and_says_why(tmp_path, encoder_run, hyper_run):
     # Both runs' centroids, through one probe (MiniLM's top layer at 16 tokens), though
     # the runs adapt one and two layers.
     for run in (encoder_run, hyper_run):
-        saved = json.loads((run / "task-embedding-task2vec.json").read_text())
+        saved = json.loads((run / "task-embedding-task2vec-3shot.json").read_text())
         assert saved["probe"].endswith(":16:5")
     recorded = OutcomeStore(outcomes).read()
     assert len(recorded) == 1 and recorded[0].config == selection["chosen"]
