@@ -91,7 +91,7 @@ def read_examples(file: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
     texts: list[str] = []
     labels: list[int] = []
     names: list[str] = []
-    read_task(file, str(file), texts, labels, names)
+    read_task(file.name, file.read_bytes(), str(file), texts, labels, names)
     return texts, np.array(labels, dtype=np.int32), [n.split(":", 1)[1] for n in names]
 
 

@@ -66,7 +66,8 @@ class Job:
     algorithm: MetaAlgorithm
     frozen: Params
     initial_meta: Meta
-    # the task files the family was built from, when they are the user's (family_files)
+    # the task files the family was built from, by name, when they are the user's (a
+    # jsonl family's): a worker on another machine gets them by wire
     files: dict[str, bytes] | None = field(default=None, repr=False)
     _pretrained: Params | None = field(default=None, repr=False)
 
@@ -129,17 +130,6 @@ def to_mx(episode: Episode) -> Task:
     return tuple(mx.array(a) for a in episode.arrays())  # type: ignore[return-value]
 
 
-def family_files(spec: JobSpec) -> dict[str, bytes] | None:
-    """The files the job's task family reads from this machine's disk, by name: a
-    ``jsonl`` family's task files (a worker on another machine gets them by wire, see
-    :func:`with_family_path`); None for the built-in families, which every install has."""
-    if spec.family.name != "jsonl":
-        return None
-    from metapeft_dist.tasks.text import jsonl_files
-
-    return {file.name: file.read_bytes() for file in jsonl_files(spec.family.path)}
-
-
 def with_family_path(spec: JobSpec, path: str | Path) -> JobSpec:
     """``spec`` reading its (jsonl) task files from ``path``."""
     return dataclasses.replace(spec, family=dataclasses.replace(spec.family, path=str(path)))
@@ -153,7 +143,6 @@ def build_job(spec: JobSpec, frozen_frame: bytes | None = None) -> Job:
     real ones arrive in (by wire, or from the checkpoint): a hypernetwork's base adapters
     stay the standard init, and ``algorithm.hyper.init``'s run is not read. Raises
     :class:`metapeft_dist.wire.WireError` for a frame of another tree."""
-    files = family_files(spec)
     family = make_family(spec.family)
     info = family.info
     out_dim = 1 if info.kind == "regression" else spec.family.ways
@@ -161,7 +150,7 @@ def build_job(spec: JobSpec, frozen_frame: bytes | None = None) -> Job:
     objective = objective_for(info.kind)
     algorithm = make_algorithm(spec)
     job = Job(spec, family, model, objective, algorithm, frozen={}, initial_meta={},
-              files=files)
+              files=getattr(family, "files", None))
     params = model.init(mx.random.key(spec.seed))
     if spec.model.base == "pretrained" and frozen_frame is None:
         base = job.pretrained()

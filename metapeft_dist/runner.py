@@ -111,11 +111,9 @@ def keep_task_files(spec: JobSpec, files: dict[str, bytes], run_dir: Path) -> Jo
     """The run keeps the task files it was built from (RUN_DIR/tasks/) and its spec names
     that copy: a resumed or re-evaluated run finds them wherever the originals went (a
     submitted job's came with the submission, into a directory Ray removes later)."""
-    kept = run_dir.resolve() / "tasks"
-    kept.mkdir(exist_ok=True)
-    for name, content in files.items():
-        (kept / name).write_bytes(content)
-    return with_family_path(spec, kept)
+    from metapeft_dist.tasks.text import write_task_files
+
+    return with_family_path(spec, write_task_files(files, run_dir.resolve() / "tasks"))
 
 
 def find_resume_point(run_dir: Path, log: Callable[[str], None]) -> tuple[JobSpec, Checkpoint]:

@@ -63,9 +63,9 @@ class ClusterJobs:
         with tempfile.TemporaryDirectory(prefix="metapeft-submit-") as working_dir:
             if spec.family.name == "jsonl":  # the tasks go with the job (the run keeps them)
                 from metapeft_dist.job import with_family_path
-                from metapeft_dist.tasks.text import copy_jsonl_files
+                from metapeft_dist.tasks.text import read_jsonl_files, write_task_files
 
-                copy_jsonl_files(spec.family.path, Path(working_dir) / TASKS)
+                write_task_files(read_jsonl_files(spec.family.path), Path(working_dir) / TASKS)
                 spec = with_family_path(spec, TASKS)
             (Path(working_dir) / "spec.yaml").write_text(
                 yaml.safe_dump(spec.to_dict(), sort_keys=False))

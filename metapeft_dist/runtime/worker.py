@@ -23,6 +23,7 @@ import metapeft_dist  # noqa: F401  (OpenBLAS before mlx)
 from metapeft_dist.config import from_dict
 from metapeft_dist.cost import read_energy_joules
 from metapeft_dist.job import build_job, with_family_path
+from metapeft_dist.tasks.text import write_task_files
 from metapeft_dist.wire import TreeSpec, decode, encode
 
 
@@ -39,9 +40,8 @@ class Worker:
         self._files = None
         if files is not None:
             self._files = tempfile.TemporaryDirectory(prefix="metapeft-tasks-")
-            for name, content in files.items():
-                (Path(self._files.name) / Path(name).name).write_bytes(content)
-            self.spec = with_family_path(self.spec, self._files.name)
+            self.spec = with_family_path(self.spec,
+                                         write_task_files(files, Path(self._files.name)))
         self.job = build_job(self.spec, frozen_frame)
         self.tree_spec = TreeSpec.of(self.job.initial_meta)
         self.loss_fn = self.job.loss_fn()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -161,12 +162,13 @@ def _fail(file: str, line: int, message: str) -> ConfigError:
     return ConfigError([(f"{file}:{line}", message)])
 
 
-def read_task(file: Path, shown: str, texts: list[str], labels: list[int],
+def read_task(name: str, content: bytes, shown: str, texts: list[str], labels: list[int],
               names: list[str]) -> JsonlTask:
-    """Appends one file's texts to the corpus lists; its labels become new categories."""
+    """Appends the texts of one task file (its ``name`` and ``content``) to the corpus
+    lists; its labels become new categories."""
     local: dict[tuple[type, object], int] = {}
     first_lines, line_no = [], 0
-    with open(file, encoding="utf-8") as f:
+    with io.TextIOWrapper(io.BytesIO(content), encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -184,7 +186,7 @@ def read_task(file: Path, shown: str, texts: list[str], labels: list[int],
                                             f"{label!r}")
             if (type(label), label) not in local:
                 local[(type(label), label)] = len(names)
-                names.append(f"{file.name}:{label}")
+                names.append(f"{name}:{label}")
                 first_lines.append(line_no)
             texts.append(text)
             labels.append(local[(type(label), label)])
@@ -194,9 +196,9 @@ def read_task(file: Path, shown: str, texts: list[str], labels: list[int],
     return JsonlTask(shown, tuple(local.values()), tuple(first_lines), line_no)
 
 
-def jsonl_files(path: str) -> list[Path]:
-    """The task files of a ``jsonl`` family: every ``*.jsonl`` file of ``path``, in name
-    order (their order makes the splits)."""
+def read_jsonl_files(path: str) -> dict[str, bytes]:
+    """The task files of a ``jsonl`` family, read once: every ``*.jsonl`` file of
+    ``path`` by name, in name order (their order makes the splits)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError([("family.path", f"{path} is not a directory")])
@@ -204,25 +206,28 @@ def jsonl_files(path: str) -> list[Path]:
     if len(files) < len(SPLITS):
         raise ConfigError([("family.path", f"{path} holds {len(files)} *.jsonl task files; "
                                            f"meta-train, meta-val and meta-test need one each")])
-    return files
+    return {file.name: file.read_bytes() for file in files}
 
 
-def copy_jsonl_files(path: str, to: Path) -> Path:
-    """The task files of ``path`` copied into the directory ``to`` (created)."""
-    to.mkdir(parents=True, exist_ok=True)
-    for file in jsonl_files(path):
-        (to / file.name).write_bytes(file.read_bytes())
-    return to
+def write_task_files(files: dict[str, bytes], directory: Path) -> Path:
+    """``files`` (name -> content) written into ``directory`` (created); returns it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (directory / Path(name).name).write_bytes(content)
+    return directory
 
 
-def load_jsonl_dir(path: str) -> tuple[TextCorpus, list[JsonlTask]]:
-    """Every ``*.jsonl`` file of ``path`` in name order, as one corpus and its tasks."""
-    files = jsonl_files(path)
+def load_jsonl_dir(path: str) -> tuple[TextCorpus, list[JsonlTask], dict[str, bytes]]:
+    """Every ``*.jsonl`` file of ``path`` in name order, as one corpus, its tasks and the
+    files as read."""
+    files = read_jsonl_files(path)
     texts: list[str] = []
     labels: list[int] = []
     names: list[str] = []
-    tasks = [read_task(f, str(Path(path) / f.name), texts, labels, names) for f in files]
-    return TextCorpus(tuple(texts), np.array(labels, dtype=np.int32), tuple(names)), tasks
+    tasks = [read_task(name, content, str(Path(path) / name), texts, labels, names)
+             for name, content in files.items()]
+    corpus = TextCorpus(tuple(texts), np.array(labels, dtype=np.int32), tuple(names))
+    return corpus, tasks, files
 
 
 def split_files(n: int) -> dict[str, range]:
@@ -234,12 +239,13 @@ def split_files(n: int) -> dict[str, range]:
 
 
 class JsonlTasks:
-    """Users' tasks: one ``*.jsonl`` file per task, labels local to their file."""
+    """Users' tasks: one ``*.jsonl`` file per task, labels local to their file. ``files``:
+    the task files as read (the driver sends them to its workers; ``Job.files``)."""
 
     info = FAMILIES["jsonl"]
 
     def __init__(self, path: str, ways: int, shots: int, query: int):
-        self.corpus, self.tasks = load_jsonl_dir(path)
+        self.corpus, self.tasks, self.files = load_jsonl_dir(path)
         self.ways = ways
         self.members = self.corpus.members()
         self.splits = {s: tuple(self.tasks[i] for i in r)
