@@ -29,8 +29,8 @@ Sections:
             MAML of the same adapters (jobs/digits-lora-fomaml.yaml), 0-10 steps at 1 and
             5 shots, paired (bench/hyper_compare.py); then RQ2 on digits among those two,
             digits-fomaml (all weights), standard LoRA at ranks 4 and 8, head-only and
-            full fine-tuning from the pretrained base, and the support-set
-            cross-validation rule (~15 minutes)
+            full fine-tuning from the pretrained base, and the support-set rules, at 5
+            and at 1 shot (~15 minutes)
 """
 
 from __future__ import annotations

@@ -24,10 +24,9 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
   - with ``--support-cv``, two rules that need no records, each choosing between the
     global choice and its rival (below): the one with the better leave-one-shot-out
     accuracy on the task's own support set (``support_cv``; shots x the adaptations;
-    not at 1 shot),
-    and the one that fits the support set better, its accuracy on the support set
-    after the STEPS steps (``support_fit``; on digits the best-correlated of the
-    support-set landmarks tried, r ~0.8 with the per-task difference);
+    not at 1 shot), and the one that fits the support set better, its accuracy on the
+    support set after the STEPS steps (``support_fit``; on digits the best-correlated of
+    the support-set landmarks tried, r ~0.8 with the per-task difference);
   - mean accuracy of the predictor's pick, the similarity rule's pick (``--init auto``
     without records; text runs only) and the global choice, paired on the same tasks;
   - the noise ceiling of the first figure: a task's accuracies are measured on
@@ -121,39 +120,44 @@ def _job(spec, family: str):
     return build_job(retarget(spec, family, overrides=overrides))
 
 
+def _support(evaluator, split: str, tasks: int, shots: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tasks' support sets (x, y), class-major as every classification family draws
+    them."""
+    episodes = evaluator.job.episodes(split, STREAM, range(tasks), shots, 1)
+    sx, sy = np.asarray(episodes.support_x), np.asarray(episodes.support_y)
+    ways = evaluator.job.spec.family.ways
+    assert (sy == np.repeat(np.arange(ways), shots)).all(), "support sets are class-major"
+    return sx, sy
+
+
+def _final_accuracy(evaluator, start, sx, sy, qx, qy) -> np.ndarray:
+    """Per task, the accuracy on (qx, qy) after adapting on (sx, sy), 20 tasks at a time."""
+    import mlx.core as mx
+
+    return np.concatenate([evaluator.score(start, *(mx.array(a[b:b + 20])
+                                                    for a in (sx, sy, qx, qy)))[:, 0]
+                           for b in range(0, len(sx), 20)])
+
+
 def support_cv(evaluator, start, split: str, tasks: int, shots: int = SHOTS) -> np.ndarray:
     """Each task's leave-one-shot-out accuracy on its own support set: adapted ``STEPS``
     steps on shots - 1 examples per class, scored on the one left out, averaged over the
     ``shots`` folds (what a user could measure without a query set)."""
-    import mlx.core as mx
-
-    job = evaluator.job
-    ways = job.spec.family.ways
-    episodes = job.episodes(split, STREAM, range(tasks), shots, 1)
-    sx, sy = np.asarray(episodes.support_x), np.asarray(episodes.support_y)
-    assert (sy == np.repeat(np.arange(ways), shots)).all(), "support sets are class-major"
+    sx, sy = _support(evaluator, split, tasks, shots)
+    ways = evaluator.job.spec.family.ways
     out = np.zeros(tasks)
     for j in range(shots):
         held = np.arange(ways) * shots + j
         kept = np.setdiff1d(np.arange(ways * shots), held)
-        for b in range(0, tasks, 20):
-            part = slice(b, b + 20)
-            out[part] += evaluator.score(start, mx.array(sx[part][:, kept]),
-                                         mx.array(sy[part][:, kept]),
-                                         mx.array(sx[part][:, held]),
-                                         mx.array(sy[part][:, held]))[:, 0] / shots
+        out += _final_accuracy(evaluator, start, sx[:, kept], sy[:, kept], sx[:, held],
+                               sy[:, held]) / shots
     return out
 
 
 def support_fit(evaluator, start, split: str, tasks: int, shots: int = SHOTS) -> np.ndarray:
     """Each task's accuracy on its own support set after ``STEPS`` steps on it."""
-    import mlx.core as mx
-
-    episodes = evaluator.job.episodes(split, STREAM, range(tasks), shots, 1)
-    sx, sy = mx.array(episodes.support_x), mx.array(episodes.support_y)
-    return np.concatenate([evaluator.score(start, sx[b:b + 20], sy[b:b + 20],
-                                           sx[b:b + 20], sy[b:b + 20])[:, 0]
-                           for b in range(0, tasks, 20)])
+    sx, sy = _support(evaluator, split, tasks, shots)
+    return _final_accuracy(evaluator, start, sx, sy, sx, sy)
 
 
 ON_SUPPORT = {"support-cv": support_cv, "support-fit": support_fit}
