@@ -192,10 +192,14 @@ def workers() -> list[Panel]:
                    "several workers can exceed it",
                    [target(f"metapeft:worker_busy_ratio:rate1m{{{JOB}}}", "{{job}} {{node}}")],
                    "percentunit", width=8),
-        timeseries("Workers", "Workers answering, and those the job runs when all are up",
+        timeseries("Workers", "Workers answering, those the job runs when all are up, "
+                   "and those that could not build the job (their node lacks a package or "
+                   "the model; see the run's log)",
                    [target(f"max by (job) (metapeft_workers{{{JOB}}})", "{{job}} answering"),
                     target(f"max by (job) (metapeft_workers_desired{{{JOB}}})",
-                           "{{job}} desired")], "short", width=8),
+                           "{{job}} desired"),
+                    target(f"max by (job) (metapeft_workers_failed_to_start{{{JOB}}})",
+                           "{{job}} could not start")], "short", width=8),
         timeseries("Ray nodes: CPU", "Ray's own per-node metrics (all Ray jobs on the "
                    "cluster, not only this one), through Ray's service discovery",
                    [target("avg by (ip) (ray_node_cpu_utilization)", "{{ip}}")], "percent",

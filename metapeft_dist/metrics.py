@@ -123,6 +123,10 @@ class JobMetrics:
                              "Parameter bytes on the wire: to_workers, from_workers",
                              ("job", "direction"), registry=r)
         self._workers = Gauge("metapeft_workers", "Workers answering", ("job",), registry=r)
+        self._workers_failed = Gauge("metapeft_workers_failed_to_start",
+                                     "Workers that could not build the job (their node "
+                                     "lacks a package, a model.path ...); not retried",
+                                     ("job",), registry=r)
         self._workers_desired = Gauge("metapeft_workers_desired",
                                       "Workers the job runs when all are up", ("job",),
                                       registry=r)
@@ -176,6 +180,7 @@ class JobMetrics:
         self._iterations_planned.labels(job).set(iterations)
         self._iteration.labels(job).set(0)
         self._workers_desired.labels(job).set(workers_desired)
+        self._workers_failed.labels(job).set(0)
         if staleness is not None:
             self._staleness_bound.labels(job).set(staleness)
         if budget_usd is not None:
@@ -195,8 +200,9 @@ class JobMetrics:
 
     # --- workers and chunks (the executors) ---------------------------------------------
 
-    def workers(self, live: int) -> None:
+    def workers(self, live: int, failed_to_start: int = 0) -> None:
         self._workers.labels(self.job).set(live)
+        self._workers_failed.labels(self.job).set(failed_to_start)
 
     def chunk_done(self, node: str, tasks: int, inner_steps: int, compute_seconds: float,
                    busy_seconds: float, dispatch_seconds: float | None, bytes_to_workers: int,

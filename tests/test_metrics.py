@@ -57,6 +57,10 @@ def test_recorded_values_read_back():
     assert _value(m, "metapeft_meta_validation_accuracy", job="j1") == 0.8
     assert _value(m, "metapeft_cost_budget_usd", job="j1") == 5.0
     assert _value(m, "metapeft_job_running", job="j1") == 1
+    assert _value(m, "metapeft_workers_failed_to_start", job="j1") == 0
+    m.workers(3, failed_to_start=1)
+    assert _value(m, "metapeft_workers", job="j1") == 3
+    assert _value(m, "metapeft_workers_failed_to_start", job="j1") == 1
     m.job_ended("succeeded")
     assert _value(m, "metapeft_job_running", job="j1") == 0
 

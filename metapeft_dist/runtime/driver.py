@@ -277,6 +277,7 @@ class RayExecutor:
         with the others, or ends with the reason when none is left."""
         self.failed_setup[handle] = failure
         self.log(f"a worker could not start: {failure}")
+        self.metrics.workers(self._answering(), len(self.failed_setup))
         if len(self.failed_setup) == len(self.workers):
             raise ClusterError(f"no MLX worker could start the job: {failure}")
 
@@ -336,8 +337,13 @@ class RayExecutor:
             self.slots.append(handle)
             self._record(handle, key, timings, time.monotonic() - dispatched)
             done.append((handle, key, frame_ref, timings))
-        self.metrics.workers(len(self.workers) - len(self.retry_at) - len(self.pings))
+        self.metrics.workers(self._answering(), len(self.failed_setup))
         return done, lost
+
+    def _answering(self) -> int:
+        """Workers answering: neither starting, recovering, nor unable to start."""
+        return (len(self.workers) - len(self.retry_at) - len(self.pings)
+                - len(self.failed_setup))
 
     def _record(self, handle: Any, key: tuple[int, int, int], timings: dict[str, Any],
                 round_trip: float) -> None:
@@ -376,11 +382,9 @@ class RayExecutor:
             if results:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > self.runtime.stall_timeout:
-                live = (len(self.workers) - len(self.retry_at) - len(self.pings)
-                        - len(self.failed_setup))
                 raise StallError(
                     f"no task result for {self.runtime.stall_timeout:.0f} s "
-                    f"({live} of {len(self.workers)} workers answering)")
+                    f"({self._answering()} of {len(self.workers)} workers answering)")
 
     # --- the executor interface ---------------------------------------------------------
 
@@ -478,6 +482,7 @@ class RayExecutor:
         return {
             "mode": self.runtime.mode,
             "workers": len(self.workers),
+            "workers_failed_to_start": sorted(self.failed_setup.values()),
             "outer_updates": ps["version"],
             "chunk": per_task,
             **self.counters,

@@ -125,8 +125,9 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
         for case in test.get("alert_rule_test", []):
             (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
     alerts = {rule["alert"] for rule in rules("alert")}
-    assert alerts == {"MetapeftJobStalled", "MetapeftWorkerLost", "MetapeftStalenessTooHigh",
-                      "MetapeftCostBudgetExceeded", "MetapeftMetaValidationLossDiverging"}
+    assert alerts == {"MetapeftJobStalled", "MetapeftWorkerLost", "MetapeftWorkerCannotStart",
+                      "MetapeftStalenessTooHigh", "MetapeftCostBudgetExceeded",
+                      "MetapeftMetaValidationLossDiverging"}
     assert alerts - fires == set(), "alerts never tested firing"
     assert alerts - quiet == set(), "alerts never tested quiet"
     assert (fires | quiet) - alerts == set(), "tests of alerts that do not exist"

@@ -368,3 +368,44 @@ def test_workers_that_cannot_build_the_job_end_it_with_their_reason(cluster, tmp
         assert time.monotonic() - started < 60
     finally:
         executor.close()
+
+
+def test_a_worker_that_cannot_start_is_left_out_and_reported(cluster, tmp_path):
+    """A fourth node lacks mlx-lm (its worker processes find a package of that name
+    that fails to import first on their path): its worker cannot build the job, is
+    not retried, and is reported (log, results, the answering and could-not-start
+    gauges); the other three do every task."""
+    from prometheus_client import CollectorRegistry
+
+    from metapeft_dist.job import build_job
+    from metapeft_dist.metrics import JobMetrics
+    from metapeft_dist.runtime.driver import RayExecutor
+
+    shadow = tmp_path / "no-mlx-lm"
+    (shadow / "mlx_lm").mkdir(parents=True)
+    (shadow / "mlx_lm" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'mlx_lm'\", name='mlx_lm')\n")
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
+    node = cluster.add_node(num_cpus=1, resources={"mlx": 1}, env_vars={"PYTHONPATH": path})
+    cluster.wait_for_nodes()
+    spec, _, _ = _llama_job(tmp_path, iterations=2)
+    metrics = JobMetrics("partial", "fomaml", registry=CollectorRegistry())
+    metrics.job_started("jsonl", "sync", 2, 4, None, None)
+    logged: list[str] = []
+    executor = None
+    try:
+        executor = RayExecutor(build_job(spec), log=logged.append, metrics=metrics)
+        losses = [executor.step(iteration)[0] for iteration in range(2)]
+        stats = executor.stats()
+    finally:
+        if executor is not None:
+            executor.close()
+        cluster.remove_node(node)
+    reason = "ModuleNotFoundError: No module named 'mlx_lm'"
+    assert all(math.isfinite(loss) for loss in losses)
+    assert stats["workers"] == 4 and stats["workers_failed_to_start"] == [reason]
+    assert stats["tasks_completed"] == 2 * 3 and stats["tasks_lost"] == 0
+    assert logged.count(f"a worker could not start: {reason}") == 1
+    value = metrics.registry.get_sample_value
+    assert value("metapeft_workers_failed_to_start", {"job": "partial"}) == 1
+    assert value("metapeft_workers", {"job": "partial"}) == 3
