@@ -127,6 +127,14 @@ class RayWorker(Worker):
     list, which Ray leaves unresolved: it is fetched only when its version is new here,
     not for every chunk of an iteration."""
 
+    def __init__(self, spec: dict[str, Any], ps: Any):
+        """The frozen base and the task files come from the parameter server ``ps``,
+        asked each time Ray (re)starts the actor, not as constructor arguments: Ray does
+        not protect constructor arguments in the object store for an actor's restarts
+        (and logs an error for every such actor, ray#53727)."""
+        frozen_frame, files = ray.get(ps.job_assets.remote())
+        super().__init__(spec, frozen_frame, files)
+
     def node_identity(self) -> dict[str, str]:
         return {"id": ray.get_runtime_context().get_node_id(), "host": platform.node(),
                 "ip": ray.util.get_node_ip_address()}
@@ -156,12 +164,11 @@ class RayExecutor:
         ServerActor = ray.remote(ParameterServer).options(
             num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
-        frozen_frame = encode({"frozen": job.stored_frozen()}, 0)
+        # every worker builds its job on the frozen base and task files the parameter
+        # server hands out (and needs no files of this machine)
         self.ps = ServerActor.remote(self.spec.to_dict(), encode(job.initial_meta, 0),
-                                     frozen_frame, total, resume_path)
-        # every worker builds its job on these (and needs no files of this machine)
-        self._frozen_ref = ray.put(frozen_frame)
-        self._files_ref = ray.put(job.files)
+                                     encode({"frozen": job.stored_frozen()}, 0), total,
+                                     resume_path, job.files)
         self.version = ray.get(self.ps.get_version.remote())
         self._worker_class = ray.remote(RayWorker).options(
             num_cpus=0, resources={"mlx": 1}, max_restarts=-1, max_task_retries=0)
@@ -211,8 +218,7 @@ class RayExecutor:
         return int(ray.cluster_resources().get("mlx", 0))
 
     def _add_worker(self) -> None:
-        handle = self._worker_class.remote(self.spec.to_dict(), self._frozen_ref,
-                                           self._files_ref)
+        handle = self._worker_class.remote(self.spec.to_dict(), self.ps)
         self.workers.append(handle)
         self.created_at[handle] = time.time()
         self.pings[handle.ping.remote()] = handle

@@ -29,11 +29,14 @@ from metapeft_dist.wire import WireError, declared_spec, decode, encode
 
 class ParameterServer:
     def __init__(self, spec: dict[str, Any], meta_frame: bytes, frozen_frame: bytes,
-                 total_updates: int, resume_from: str | None = None):
+                 total_updates: int, resume_from: str | None = None,
+                 files: dict[str, bytes] | None = None):
         """``meta_frame`` / ``frozen_frame``: the initial meta-parameters and the frozen
         base as wire frames from the driver, which also fix the tree every worker's
-        gradient must match."""
+        gradient must match. ``files``: the job's task files (``Job.files``), which
+        workers fetch with the frozen base (:meth:`job_assets`)."""
         self.spec = from_dict(spec)
+        self._assets = (frozen_frame, files)
         self.tree_spec = declared_spec(meta_frame)
         self.meta = decode(meta_frame, self.tree_spec).tree
         self.frozen = decode(frozen_frame, declared_spec(frozen_frame)).tree.get("frozen", {})
@@ -65,6 +68,11 @@ class ParameterServer:
         if self._frame is None or self._frame[0] != self.version:
             self._frame = (self.version, encode(self.meta, self.version))
         return self._frame[1]
+
+    def job_assets(self) -> tuple[bytes, dict[str, bytes] | None]:
+        """What a worker builds the job on besides its spec: the frozen base as a wire
+        frame, and the task files (None unless the family reads files)."""
+        return self._assets
 
     def get_version(self) -> int:
         return self.version
