@@ -229,6 +229,9 @@ def test_a_sigkilled_driver_resumes_bitwise(cluster, tmp_path):
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert f"resuming {run_dir} from iteration {last}" in err
+    # restartable workers take no constructor arguments through the object store (Ray
+    # logs an error for each such actor: their restart is not protected, ray#53727)
+    assert "constructor arguments in the object store" not in err
     final = load_checkpoint(run_dir / "checkpoints" / "ckpt-00000200.safetensors").meta
     assert _bitwise_equal(final, _final_meta(uninterrupted))
 
