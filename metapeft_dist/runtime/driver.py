@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from collections import deque
 from typing import Any, Callable
 
@@ -127,11 +128,13 @@ class RayWorker(Worker):
     list, which Ray leaves unresolved: it is fetched only when its version is new here,
     not for every chunk of an iteration."""
 
-    def __init__(self, spec: dict[str, Any], ps: Any):
-        """The frozen base and the task files come from the parameter server ``ps``,
-        asked each time Ray (re)starts the actor, not as constructor arguments: Ray does
-        not protect constructor arguments in the object store for an actor's restarts
-        (and logs an error for every such actor, ray#53727)."""
+    def __init__(self, spec: dict[str, Any], ps_name: str):
+        """The frozen base and the task files come from the parameter server (the actor
+        named ``ps_name``), asked each time Ray (re)starts the actor, not as constructor
+        arguments: Ray does not protect constructor arguments in the object store, an
+        actor handle among them, for an actor's restarts (and logs an error for every
+        such actor, ray#53727)."""
+        ps = ray.get_actor(ps_name)
         frozen_frame, files = ray.get(ps.job_assets.remote())
         super().__init__(spec, frozen_frame, files)
 
@@ -161,8 +164,10 @@ class RayExecutor:
         self.chunks = [(s, min(chunk, a.meta_batch - s)) for s in range(0, a.meta_batch, chunk)]
         total = a.iterations * (1 if self.runtime.mode == "sync" else len(self.chunks))
         here = ray.get_runtime_context().get_node_id()
+        # named, so a worker finds it by a string (see RayWorker)
+        self.ps_name = f"metapeft-parameter-server-{uuid.uuid4().hex[:12]}"
         ServerActor = ray.remote(ParameterServer).options(
-            num_cpus=0, max_restarts=0,
+            name=self.ps_name, num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
         # every worker builds its job on the frozen base and task files the parameter
         # server hands out (and needs no files of this machine)
@@ -218,7 +223,7 @@ class RayExecutor:
         return int(ray.cluster_resources().get("mlx", 0))
 
     def _add_worker(self) -> None:
-        handle = self._worker_class.remote(self.spec.to_dict(), self.ps)
+        handle = self._worker_class.remote(self.spec.to_dict(), self.ps_name)
         self.workers.append(handle)
         self.created_at[handle] = time.time()
         self.pings[handle.ping.remote()] = handle
