@@ -158,18 +158,24 @@ def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int) 
     tokenizer = bert.Tokenizer(path)
     print(f"metapeft: encoding {len(texts)} texts through the frozen layers 0-{start - 1} of "
           f"{Path(path).name} (once; cached in {file.parent})", file=sys.stderr)
-    hidden, masks = [], []
+    ids, mask = (np.array(a) for a in tokenizer.encode(list(texts), max_len))
+    # Texts in order of length, each batch cut to its longest: most texts are far
+    # shorter than max_len, and a real token's state does not depend on padding it does
+    # not attend to. Positions past a batch's longest stay zero (padding, masked).
+    lengths = mask.sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    hidden = np.zeros((len(texts), max_len, config.hidden), dtype=np.float16)
     for begin in range(0, len(texts), _BATCH):
-        ids, mask = tokenizer.encode(list(texts[begin:begin + _BATCH]), max_len)
+        rows = order[begin:begin + _BATCH]
+        cut = int(lengths[rows].max())
+        batch_ids, batch_mask = mx.array(ids[rows, :cut]), mx.array(mask[rows, :cut])
         if start == 0:
-            states = bert.embed(params, config, ids)
+            states = bert.embed(params, config, batch_ids)
         else:
-            states = bert.hidden_states(params, config, ids, mask, 0.0, stop_layer=start)
-        mx.eval(states)
-        hidden.append(np.array(states.astype(mx.float16)))
-        masks.append(np.array(mask))
-    out = {"inputs.hidden": mx.array(np.concatenate(hidden)),
-           "inputs.mask": mx.array(np.concatenate(masks))}
+            states = bert.hidden_states(params, config, batch_ids, batch_mask, 0.0,
+                                        stop_layer=start)
+        hidden[rows, :cut] = np.array(states.astype(mx.float16))
+    out = {"inputs.hidden": mx.array(hidden), "inputs.mask": mx.array(mask)}
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_suffix(f".{os.getpid()}.tmp.safetensors")
     mx.save_safetensors(str(partial), out)
