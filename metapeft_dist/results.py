@@ -47,6 +47,12 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"meta-training: {mt['iterations']} iterations in {mt['seconds']:.1f} s "
                      f"({mt['iterations_per_second']:.1f} it/s); results in "
                      f"{results['run_dir']}")
+    failed = results.get("runtime", {}).get("workers_failed_to_start")
+    if failed:
+        reasons = "; ".join(f"{reason} ({failed.count(reason)}x)" if failed.count(reason) > 1
+                            else reason for reason in sorted(set(failed)))
+        lines.append(f"workers: {len(failed)} of {results['runtime']['workers']} could not "
+                     f"start and were left out: {reasons}")
     cost = results.get("cost")
     if cost:
         lines.append(cost_line(cost))

@@ -48,6 +48,12 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
     table = format_table(results)
     assert "meta" in table and "random" in table and "steps to target" in table
     assert "break-even after" in table and "RQ3 goal 5x" in table
+    assert "could not start" not in table
+    # a run on a cluster where some workers' nodes lacked what the job needs says so
+    failed = {**results, "runtime": {**results["runtime"], "workers": 4,
+                                     "workers_failed_to_start": ["A: x", "B: y", "A: x"]}}
+    assert format_table(failed).splitlines()[-2] == (
+        "workers: 3 of 4 could not start and were left out: A: x (2x); B: y")
     outcome = json.loads((run / "outcome.json").read_text())
     assert outcome == results["outcome"] and outcome["status"] == "succeeded"
     assert outcome["totals"]["tasks_completed"] == 30 * spec.algorithm.meta_batch
