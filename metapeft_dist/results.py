@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 
@@ -49,8 +50,8 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{results['run_dir']}")
     failed = results.get("runtime", {}).get("workers_failed_to_start")
     if failed:
-        reasons = "; ".join(f"{reason} ({failed.count(reason)}x)" if failed.count(reason) > 1
-                            else reason for reason in sorted(set(failed)))
+        reasons = "; ".join(reason if n == 1 else f"{reason} ({n}x)"
+                            for reason, n in sorted(Counter(failed).items()))
         lines.append(f"workers: {len(failed)} of {results['runtime']['workers']} could not "
                      f"start and were left out: {reasons}")
     cost = results.get("cost")
