@@ -50,7 +50,7 @@ def test_at_init_it_generates_the_base_adapters_and_the_prototype_head(job, batc
     loss_fn = job.loss_fn()
     start = job.algorithm.adapt(job.initial_meta, loss_fn, sx, sy, steps=0)[0]
     for name, value in job.initial_meta["params"].items():
-        if "lora" in name:
+        if "lora" in name:  # M0 + P (Q t) with P = 0: M0 + 0, exact on any kernel
             assert mx.array_equal(start[name], value)
     # Zero-shot logits rank classes by distance to the support prototypes of the pooled
     # (unit-norm) embeddings: nearest-prototype classification, computed here by hand.
@@ -186,7 +186,7 @@ def test_hyper_with_prune_generates_fewer_directions(job, batch):
     kept = pruned.generate(meta, job.loss_fn(), sx, sy)
     assert set(ranks(full).values()) == {4}
     expected = prune_rank({k: v for k, v in full.items() if is_adapter(k)}, 0.9)
-    for name, value in expected.items():
+    for name, value in expected.items():  # the same generator and the same pruning
         assert mx.array_equal(kept[name], value)
     assert 2 <= sum(ranks(kept).values()) < 8, ranks(kept)
 

@@ -146,6 +146,8 @@ def test_minilm_lora_zero_b_and_cached_prefix(minilm):
     base = hidden_states(params, config, ids, mask, 0.0)
     adapters = init_lora(mx.random.key(0), config, (4, 5), PROJ, 4)
     full = {**params, **adapters}
+    # bits are promised here: the same base matmuls on the same shapes, plus an exact zero
+    # (x A) B with B = 0, and y + 0 == y in IEEE arithmetic on any kernel
     assert mx.array_equal(hidden_states(full, config, ids, mask, 2.0), base)
     full = {**params, **randomize_b(adapters, 0.05)}
     prefix = hidden_states(full, config, ids, mask, 2.0, stop_layer=4)
@@ -170,6 +172,7 @@ def test_lora_names_and_zero_b():
     assert all(is_adapter(n) or is_head(n) for n in trainable_names(params, "lora"))
     ids, mask = tiny_batch()
     base = {**tiny_params(), **head}
+    # the base's own matmuls plus an exact zero (B = 0): equal bits on any kernel
     assert mx.array_equal(classify(params, TINY, ids, mask, 1.5),
                           classify(base, TINY, ids, mask, 1.5))
 

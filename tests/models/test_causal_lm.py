@@ -132,7 +132,7 @@ def test_init_gives_mlx_lm_adapters_of_the_top_layers(llama_dir):
     assert all(mx.array_equal(again[n], adapters[n]).item() for n in adapters)
 
 
-def test_zero_b_gives_the_base_lm_logits_exactly(llama_dir):
+def test_zero_b_gives_the_base_lm_logits(llama_dir):
     model = make_model(llama_dir)
     params = model.init(mx.random.key(1))
     x = mx.array([3, 0, 2, 1, 0], dtype=mx.int32)
@@ -140,7 +140,11 @@ def test_zero_b_gives_the_base_lm_logits_exactly(llama_dir):
     ids = params["inputs.ids"][x]
     last = params["inputs.mask"][x].sum(axis=-1) - 1
     expected = base(ids)[mx.arange(x.shape[0]), last][:, model.verbalizer()]
-    assert mx.array_equal(model(params, x), expected).item()
+    # The head is read at one position (an (n, vocab) matmul) where the base LM computes
+    # it at all positions ((n * L, vocab)): BLAS promises no equal bits across shapes
+    # (1-2 ulp seen with other kernels), so within a few float32 ulps of logits ~1.
+    np.testing.assert_allclose(np.array(model(params, x)), np.array(expected), rtol=1e-6,
+                               atol=1e-6)
     for i in range(x.shape[0]):  # and the unpadded prompt gives the same, to rounding
         alone = base(ids[i:i + 1, :last[i].item() + 1])[0, -1][model.verbalizer()]
         np.testing.assert_allclose(np.array(model(params, x)[i]), np.array(alone), atol=1e-5)
@@ -152,7 +156,9 @@ def test_index_shape_is_kept(llama_dir):
     x = mx.array([[0, 1, 2], [3, 2, 1]], dtype=mx.int32)
     out = model(params, x)
     assert out.shape == (2, 3, 2) and out.dtype == mx.float32
-    np.testing.assert_array_equal(np.array(out[1]), np.array(model(params, x[1])))
+    # a (2, 3) batch against one row of it: other matmul shapes, so no equal bits promised
+    np.testing.assert_allclose(np.array(out[1]), np.array(model(params, x[1])), rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_gradient_through_module_update_matches_finite_differences(llama_dir):
