@@ -117,3 +117,39 @@ def ensure_fast_blas() -> str:
         return _loaded
     _loaded = path
     return _loaded
+
+
+def _cpu_name() -> str:
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                  capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_kind() -> str:
+    """What decides the bits of a computation here: the chip, MLX's device and version,
+    and on a Linux CPU the BLAS and its kernel family, e.g. ``x86_64 AMD EPYC, mlx 0.30.1
+    cpu, OpenBLAS SkylakeX``. The same computation on the same shapes gives equal bits on
+    machines of one kind; kinds differ in the last bits (different kernels)."""
+    import mlx.core as mx
+
+    device = mx.default_device().type.name
+    kind = f"{platform.machine()} {_cpu_name()}, mlx {mx.__version__} {device}"
+    if sys.platform.startswith("linux"):
+        if ensure_fast_blas():
+            kind += f", OpenBLAS {os.environ.get('OPENBLAS_CORETYPE', 'auto')}"
+        else:
+            kind += ", bundled BLAS"
+    return kind

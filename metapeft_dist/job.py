@@ -135,15 +135,18 @@ def with_family_path(spec: JobSpec, path: str | Path) -> JobSpec:
     return dataclasses.replace(spec, family=dataclasses.replace(spec.family, path=str(path)))
 
 
-def build_job(spec: JobSpec, frozen_frame: bytes | None = None) -> Job:
+def build_job(spec: JobSpec, frozen_frame: bytes | None = None,
+              files: dict[str, bytes] | None = None) -> Job:
     """The job of ``spec``. ``frozen_frame``: a frozen base built before, as a wire frame
     of ``{"frozen": Job.stored_frozen()}`` (the driver's, sent to a worker; a
     checkpoint's, when a run resumes), checked against this job's own frozen tree and
     used instead of pretraining. The initial meta-parameters are then only the tree the
     real ones arrive in (by wire, or from the checkpoint): a hypernetwork's base adapters
     stay the standard init, and ``algorithm.hyper.init``'s run is not read. Raises
-    :class:`metapeft_dist.wire.WireError` for a frame of another tree."""
-    family = make_family(spec.family)
+    :class:`metapeft_dist.wire.WireError` for a frame of another tree. ``files``: a jsonl
+    family's task files (the driver's ``Job.files``), parsed instead of reading
+    ``family.path``, so the machine needs no copy of them on disk."""
+    family = make_family(spec.family, files)
     info = family.info
     out_dim = 1 if info.kind == "regression" else spec.family.ways
     model = build_model(spec.model, info.input_shape, out_dim, family)

@@ -188,6 +188,7 @@ class RayExecutor:
         self.node_of: dict[Any, str] = {}  # worker handle -> node label, once it answered
         self.live_on: dict[str, set] = {}
         self.created_at: dict[Any, float] = {}  # worker handle -> when it was started
+        self.kinds: dict[str, int] = {}  # machine kind (blas.machine_kind) -> chunks done
         wanted = self.runtime.workers or self._mlx_capacity()
         if wanted < 1:
             raise ClusterError("the Ray cluster declares no `mlx` resource: start each node "
@@ -203,7 +204,7 @@ class RayExecutor:
                          "tasks_completed": 0, "tasks_lost": 0}
         self.throughput = Throughput()
         self.task_seconds: list[float] = []
-        self.per_host: dict[str, dict[str, float]] = {}
+        self.per_host: dict[str, dict[str, Any]] = {}
         self.bytes_out: list[int] = []
         self.bytes_in: list[int] = []
         self.spans: list[tuple[str, float, float]] = []  # (worker, started, ended) per chunk
@@ -260,6 +261,13 @@ class RayExecutor:
         if not self.live_on.get(node):
             self.metrics.spend.reserve(node, self.created_at.pop(handle, None))
         self.live_on.setdefault(node, set()).add(handle)
+        kind = identity.get("kind", "unknown")
+        if kind not in self.kinds and self.kinds and self.runtime.mode == "sync":
+            kinds = "; ".join(sorted({*self.kinds, kind}))
+            self.log(f"workers run on {len(self.kinds) + 1} machine kinds ({kinds}): sync "
+                     "results are bitwise reproducible on one kind only; across kinds they "
+                     "agree to float32 rounding (README, Determinism)")
+        self.kinds.setdefault(kind, 0)
         self.metrics.spend.power_reading(node, identity.get("energy_joules"),
                                          identity.get("time", time.time()))
 
@@ -375,6 +383,8 @@ class RayExecutor:
         self.spans.append((worker, timings["started"], timings["ended"]))
         host = self.per_host.setdefault(worker, {"chunks": 0, "compute_seconds": 0.0})
         host["chunks"] += 1
+        host["kind"] = timings.get("kind", "unknown")
+        self.kinds[host["kind"]] = self.kinds.get(host["kind"], 0) + 1
         host["compute_seconds"] += timings["compute_seconds"]
 
     def _loop(self, todo: deque, finished: Callable[[], bool], on_result: Callable) -> None:
@@ -505,6 +515,7 @@ class RayExecutor:
             "bytes_in_per_chunk": sum(self.bytes_in) / n,
             "max_applied_staleness": max(staleness) if staleness else None,
             "per_worker": self.per_host,
+            "kinds": dict(sorted(self.kinds.items())),  # machine kind -> chunks computed
             "nodes": sorted(self.live_on),
             "throughput": self.throughput.summary(),
         }

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Hashable
 
 import mlx.core as mx
 
 import metapeft_dist  # noqa: F401  (OpenBLAS before mlx)
+from metapeft_dist.blas import machine_kind
 from metapeft_dist.config import from_dict
 from metapeft_dist.cost import read_energy_joules
-from metapeft_dist.job import build_job, with_family_path
-from metapeft_dist.tasks.text import write_task_files
+from metapeft_dist.job import build_job
 from metapeft_dist.wire import TreeSpec, decode, encode
 
 
@@ -33,21 +31,18 @@ class Worker:
         """``frozen_frame``: the driver's frozen base (``Job.stored_frozen`` as a wire
         frame), so the worker does not pretrain it again nor read the run directory of
         ``algorithm.hyper.init``; without it the worker builds everything from the spec.
-        ``files``: the task files the driver's job was built from (``Job.files``), kept in a
-        directory of this worker's own, so they need not exist on its machine."""
+        ``files``: the task files the driver's job was built from (``Job.files``), parsed
+        from memory, so they need not exist on this machine and nothing is written to
+        its disk (a worker killed by Ray leaves no copy of a user's texts behind)."""
         t0 = time.perf_counter()
         self.spec = from_dict(spec)
-        self._files = None
-        if files is not None:
-            self._files = tempfile.TemporaryDirectory(prefix="metapeft-tasks-")
-            self.spec = with_family_path(self.spec,
-                                         write_task_files(files, Path(self._files.name)))
-        self.job = build_job(self.spec, frozen_frame)
+        self.job = build_job(self.spec, frozen_frame, files)
         self.tree_spec = TreeSpec.of(self.job.initial_meta)
         self.loss_fn = self.job.loss_fn()
         self._meta: tuple[int, Any] | None = None
         self._steps: dict[Hashable, Callable] = {}
         self.node_id = self.node_identity()["id"]  # fixed for the life of the process
+        self.kind = machine_kind()  # what decides the bits of its results
         self.setup_seconds = time.perf_counter() - t0
 
     def node_identity(self) -> dict[str, str]:
@@ -57,7 +52,7 @@ class Worker:
         return {"id": host, "host": host, "ip": ""}
 
     def ping(self) -> dict[str, Any]:
-        return {**self.node_identity(), "pid": os.getpid(),
+        return {**self.node_identity(), "pid": os.getpid(), "kind": self.kind,
                 "setup_seconds": self.setup_seconds, "energy_joules": read_energy_joules(),
                 "time": time.time()}
 
@@ -110,6 +105,6 @@ class Worker:
                    "bytes_in": len(meta_frame) if meta_frame is not None else 0,
                    "bytes_out": len(frame),
                    "host": platform.node(), "pid": os.getpid(),
-                   "node_id": self.node_id,
+                   "node_id": self.node_id, "kind": self.kind,
                    "energy_joules": read_energy_joules()}
         return timings, frame

@@ -6,8 +6,10 @@ Importing this package is cheap; a family's data loads when :func:`make_family` 
 from __future__ import annotations
 
 
-def make_family(spec):
-    """The sampler for a :class:`metapeft_dist.config.FamilySpec`."""
+def make_family(spec, files: dict[str, bytes] | None = None):
+    """The sampler for a :class:`metapeft_dist.config.FamilySpec`. ``files``: a jsonl
+    family's task files as read by another process (the driver's ``Job.files``), used
+    instead of reading ``spec.path``."""
     if spec.name == "sinusoid":
         from metapeft_dist.tasks.sinusoid import Sinusoid
 
@@ -27,5 +29,5 @@ def make_family(spec):
     if spec.name == "jsonl":
         from metapeft_dist.tasks.text import JsonlTasks
 
-        return JsonlTasks(spec.path, spec.ways, spec.shots, spec.query)
+        return JsonlTasks(spec.path, spec.ways, spec.shots, spec.query, files)
     raise ValueError(f"unknown task family {spec.name!r}")

@@ -217,10 +217,14 @@ def write_task_files(files: dict[str, bytes], directory: Path) -> Path:
     return directory
 
 
-def load_jsonl_dir(path: str) -> tuple[TextCorpus, list[JsonlTask], dict[str, bytes]]:
+def load_jsonl_dir(path: str, files: dict[str, bytes] | None = None
+                   ) -> tuple[TextCorpus, list[JsonlTask], dict[str, bytes]]:
     """Every ``*.jsonl`` file of ``path`` in name order, as one corpus, its tasks and the
-    files as read."""
-    files = read_jsonl_files(path)
+    files as read. Given ``files`` (name -> content, as read elsewhere: a worker gets the
+    driver's), those are parsed instead and ``path`` only names them in errors."""
+    if files is None:
+        files = read_jsonl_files(path)
+    files = dict(sorted(files.items()))
     texts: list[str] = []
     labels: list[int] = []
     names: list[str] = []
@@ -244,8 +248,9 @@ class JsonlTasks:
 
     info = FAMILIES["jsonl"]
 
-    def __init__(self, path: str, ways: int, shots: int, query: int):
-        self.corpus, self.tasks, self.files = load_jsonl_dir(path)
+    def __init__(self, path: str, ways: int, shots: int, query: int,
+                 files: dict[str, bytes] | None = None):
+        self.corpus, self.tasks, self.files = load_jsonl_dir(path, files)
         self.ways = ways
         self.members = self.corpus.members()
         self.splits = {s: tuple(self.tasks[i] for i in r)
