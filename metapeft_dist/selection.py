@@ -27,7 +27,10 @@ Two ways to choose, both explained in what they return:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,22 +108,63 @@ class Outcome:
     steps: int
 
 
-class OutcomeStore:
-    """Append-only JSON lines of adaptation outcomes. A line that does not parse stops
-    reading with its file:line (nothing is rewritten, so nothing is lost)."""
+MAX_RECORDS = 2000  # outcome records a store keeps; appending more drops the oldest
 
-    def __init__(self, path: str | Path):
+
+def encode_embedding(vector: np.ndarray) -> str:
+    """A float32 embedding as base64 of its little-endian bytes: 5.3 characters a number
+    instead of ~20 as JSON decimals (a Task2Vec embedding of MiniLM's top layer has
+    8,448 numbers: ~45 KB a record), and the value round-trips exactly."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_embedding(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4").astype(np.float64)
+
+
+class OutcomeStore:
+    """JSON lines of adaptation outcomes, one per (task, configuration), the embedding as
+    base64 float32 (:func:`encode_embedding`; lines with a JSON list, as written before,
+    are read too). At most ``max_records`` lines are kept: an append past that rewrites
+    the file (atomically) without the oldest. A line that does not parse stops reading
+    with its file:line, and an append then leaves the file as it is."""
+
+    def __init__(self, path: str | Path, max_records: int = MAX_RECORDS):
+        if max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
         self.path = Path(path).expanduser()
+        self.max_records = max_records
+
+    @staticmethod
+    def _line(o: Outcome) -> str:
+        return json.dumps({"task": o.task, "config": o.config, "accuracy": o.accuracy,
+                           "kind": o.kind, "probe": o.probe, "shots": o.shots,
+                           "steps": o.steps, "embedding_f32": encode_embedding(o.embedding),
+                           "time": time.time()})
 
     def append(self, outcomes: Iterable[Outcome]) -> int:
+        lines = [self._line(o) + "\n" for o in outcomes]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"task": o.task, "config": o.config, "accuracy": o.accuracy,
-                             "kind": o.kind, "probe": o.probe, "shots": o.shots,
-                             "steps": o.steps, "embedding": [float(v) for v in o.embedding],
-                             "time": time.time()}) for o in outcomes]
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
+        kept = self._lines()
+        if len(kept) + len(lines) <= self.max_records:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(lines)
+            return len(lines)
+        self.read()  # refuses (and keeps) a file with a damaged line before rewriting it
+        keep = (kept + lines)[-self.max_records:]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
         return len(lines)
+
+    def _lines(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
 
     def read(self, kind: str | None = None, probe: str | None = None) -> list[Outcome]:
         if not self.path.is_file():
@@ -132,12 +176,14 @@ class OutcomeStore:
                     continue
                 try:
                     row = json.loads(line)
+                    embedding = (decode_embedding(row["embedding_f32"])
+                                 if "embedding_f32" in row
+                                 else np.asarray(row["embedding"], dtype=np.float64))
                     outcome = Outcome(str(row["task"]), str(row["config"]),
-                                      float(row["accuracy"]),
-                                      np.asarray(row["embedding"], dtype=np.float64),
+                                      float(row["accuracy"]), embedding,
                                       str(row["kind"]), str(row["probe"]), int(row["shots"]),
                                       int(row["steps"]))
-                except (ValueError, KeyError, TypeError) as err:
+                except (ValueError, KeyError, TypeError, binascii.Error) as err:
                     raise SelectionError(f"{self.path}:{number}: not an outcome record "
                                          f"({type(err).__name__}: {err})") from None
                 if (kind is None or outcome.kind == kind) and \

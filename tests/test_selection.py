@@ -145,6 +145,30 @@ def test_outcome_store_appends_and_names_a_bad_line(tmp_path):
     assert store.path.read_text() == before  # nothing lost
 
 
+def test_outcome_records_are_compact_and_the_store_keeps_the_newest(tmp_path):
+    """A record of a Task2Vec embedding of MiniLM's top layer (8,448 numbers) takes ~45 KB
+    as base64 float32 (45,056 characters for the embedding) instead of ~168 KB as JSON
+    decimals; past ``max_records`` the oldest records are dropped, so the file stays
+    bounded."""
+    vector = np.random.default_rng(0).lognormal(size=8448).astype(np.float32)
+    store = OutcomeStore(tmp_path / "outcomes.jsonl", max_records=3)
+    store.append([_outcome("t0", "a", 0.5, vector)])
+    size = store.path.stat().st_size
+    assert 45_056 < size < 45_500, size
+    np.testing.assert_array_equal(store.read()[0].embedding, vector)  # exact round trip
+    for i in range(1, 5):
+        store.append([_outcome(f"t{i}", "a", 0.5, vector)])
+    assert [o.task for o in store.read()] == ["t2", "t3", "t4"]
+    assert store.path.stat().st_size < 3 * 45_500
+    # a record as written before (the embedding as a JSON list) still reads
+    with open(store.path, "a") as f:
+        f.write(json.dumps({"task": "old", "config": "b", "accuracy": 0.25, "kind": "task2vec",
+                            "probe": "p", "shots": 5, "steps": 10,
+                            "embedding": [0.5, 0.25]}) + "\n")
+    old = store.read()[-1]
+    assert old.task == "old" and old.embedding.tolist() == [0.5, 0.25]
+
+
 @pytest.fixture(scope="module")
 def encoder_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoder_run")
