@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import metapeft_dist  # noqa: E402,F401  (loads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from metapeft_dist.adapt import load_run  # noqa: E402
+from metapeft_dist.rundir import load_run  # noqa: E402
 from metapeft_dist.evaluate import Evaluator, mean_ci95  # noqa: E402
 from metapeft_dist.job import Init, build_job  # noqa: E402
 

@@ -80,7 +80,7 @@ FOLDS = 5  # predictor_cv: records from the other folds of the test tasks
 
 def _sources(paths: list[str]) -> dict[str, tuple[object, object]]:
     """{path: (spec, checkpoint or None)} for run directories and job spec files."""
-    from metapeft_dist.adapt import load_run
+    from metapeft_dist.rundir import load_run
     from metapeft_dist.config import load_spec
 
     out = {}
@@ -111,7 +111,7 @@ def _configurations(sources) -> dict:
 
 
 def _job(spec, family: str):
-    from metapeft_dist.adapt import retarget
+    from metapeft_dist.crossdomain import retarget
     from metapeft_dist.job import build_job
 
     overrides = [f"eval.steps={STEPS}"]
@@ -169,9 +169,9 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
     or with ``on`` "support-cv" or "support-fit" their :func:`support_cv` or
     :func:`support_fit` accuracy (cached per configuration, family, split and task
     count)."""
-    from metapeft_dist.adapt import _narrow
     from metapeft_dist.evaluate import Evaluator
     from metapeft_dist.job import Init
+    from metapeft_dist.rundir import narrow
 
     jobs: dict[str, object] = {}
     accuracy = {}
@@ -190,7 +190,7 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
         job = jobs[path]
         if init == "meta":
             frozen = checkpoint.frozen or job.frozen  # an MLP run's own pretrained base
-            start = Init("meta", _narrow(checkpoint.meta, job.spec.family.ways), frozen)
+            start = Init("meta", narrow(checkpoint.meta, job.spec.family.ways), frozen)
         else:
             start = job.baseline({"standard": "random"}.get(init, init))
         t0 = time.time()
@@ -258,10 +258,12 @@ def split_half(full: np.ndarray, half: np.ndarray, query: int) -> tuple[float, f
 def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                  cache: Path | None = None, query: int = QUERY, cv: bool = False,
                  shots: int = SHOTS) -> dict:
-    from metapeft_dist.adapt import probe_model, probe_spec, run_centroid, run_evaluation
+    from metapeft_dist.centroids import run_centroid
     from metapeft_dist.evaluate import mean_ci95
+    from metapeft_dist.rundir import run_evaluation
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
                                          global_best)
+    from metapeft_dist.task_embedding import probe_model, probe_spec
 
     cache = cache or ROOT / ".bench" / "select-cache"
     cache.mkdir(parents=True, exist_ok=True)

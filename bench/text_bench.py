@@ -79,7 +79,7 @@ def peak_memory(spec_path: Path) -> dict:
 
 
 def bench_text(run, root: Path) -> dict:
-    from metapeft_dist.adapt import evaluate_init
+    from metapeft_dist.crossdomain import evaluate_init
 
     out: dict = {"tasks": TASKS}
     runs = {}

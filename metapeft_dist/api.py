@@ -82,7 +82,7 @@ def adapt(run_dir: str | Path, data: str | Path, out_dir: str | Path | None = No
     file of a few labelled examples), write the adapter to ``out_dir`` (default
     ``run_dir/adapted/<task>``) and return the losses and accuracies before and after
     (on ``holdout`` examples too, if given). Raises
-    :class:`metapeft_dist.adapt.AdaptError` or :class:`ConfigError` (a bad line)."""
+    :class:`metapeft_dist.rundir.AdaptError` or :class:`ConfigError` (a bad line)."""
     from metapeft_dist.adapt import adapt_task
 
     return adapt_task(run_dir, data, out_dir, steps, holdout)
@@ -97,7 +97,7 @@ def adapt_auto(candidates: Sequence[str | Path], data: str | Path,
     head alone (by recorded ``outcomes`` if enough, else by similarity to each run's
     tasks); the report's ``selection`` says which and why. With ``holdout`` the outcome
     is recorded in ``outcomes``."""
-    from metapeft_dist.adapt import adapt_auto as auto
+    from metapeft_dist.init_choice import adapt_auto as auto
 
     return auto(candidates, data, out_dir, steps, holdout, outcomes, kind)
 
@@ -107,7 +107,7 @@ def adapt_hyper(candidates: Sequence[str | Path], data: str | Path,
                 holdout: str | Path | None = None) -> dict[str, Any]:
     """Adapt the task in ``data`` from what the hypernetwork run among ``candidates``
     generates for it (its adapters and a prototype head), then ``steps`` steps."""
-    from metapeft_dist.adapt import adapt_hyper as hyper
+    from metapeft_dist.init_choice import adapt_hyper as hyper
 
     return hyper(candidates, data, out_dir, steps, holdout)
 
@@ -117,7 +117,8 @@ def embed(data: str | Path, run_dir: str | Path | None = None, kind: str = "task
     """The task embedding of a JSONL task file (its lines are the support set), through
     the top layer of ``run_dir``'s encoder (default: all-MiniLM-L6-v2), as ``adapt --init
     auto`` embeds tasks; ``learned`` is the trained network the ``learned`` kind needs."""
-    from metapeft_dist.adapt import embed_file, probe_model, run_spec
+    from metapeft_dist.rundir import run_spec
+    from metapeft_dist.task_embedding import embed_file, probe_model
 
     spec = probe_model([run_spec(run_dir)]) if run_dir is not None else None
     return embed_file(data, spec, kind, learned)
@@ -128,7 +129,8 @@ def fit_embedding(out: str | Path, families: Sequence[str] = ("wordnet", "fortun
     """Train the learned task embedding on the meta-train categories of the shipped text
     ``families`` (through ``run_dir``'s encoder, default all-MiniLM-L6-v2's top layer)
     and save it to ``out`` (for ``embed(..., kind="learned", learned=out)``)."""
-    from metapeft_dist.adapt import fit_learned_embedding, probe_model, run_spec
+    from metapeft_dist.rundir import run_spec
+    from metapeft_dist.task_embedding import fit_learned_embedding, probe_model
 
     spec = probe_model([run_spec(run_dir)]) if run_dir is not None else None
     return fit_learned_embedding(out, families, spec, steps)
@@ -139,7 +141,7 @@ def evaluate(run_dir: str | Path, family: str | None = None, data: str | None = 
     """Compare a finished text run's meta-learned init with its baselines on the
     meta-test tasks of another text ``family`` (cross-domain), of a directory of JSONL
     tasks (``data``), or of its own family; ``overrides`` like ``eval.tasks=100``."""
-    from metapeft_dist.adapt import evaluate_init
+    from metapeft_dist.crossdomain import evaluate_init
 
     return evaluate_init(run_dir, family, data, overrides, on_progress)
 

@@ -3,11 +3,14 @@ steps-to-target.
 
 Every init (the meta-learned one and the baselines) is adapted on the *same* tasks,
 keyed (seed, split, stream, index), so differences between inits are paired.
+:func:`evaluate_job` is a run's final evaluation (results.json's ``evaluation``), and
+``metapeft eval``'s on other tasks.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -17,6 +20,14 @@ from metapeft_dist.algorithms.base import map_tasks
 from metapeft_dist.job import Init, Job, TaskLoss, to_mx
 
 Z95 = 1.959963984540054
+
+# on_progress(stage, done, total, info): a run's stages are "setup", "meta-train",
+# "evaluate", "done"; an evaluation reports "evaluate".
+Progress = Callable[[str, int, int, dict[str, Any]], None]
+
+
+def _quiet(stage: str, done: int, total: int, info: dict[str, Any]) -> None:
+    pass
 
 
 class Evaluator:
@@ -69,13 +80,43 @@ class Evaluator:
                                      sx, sy, qx, qy))
 
 
+def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, Any]:
+    """Meta-learned init vs baselines on meta-test tasks, for every shot setting."""
+    spec, objective = job.spec, job.objective
+    evaluator = Evaluator(job, spec.eval.steps)
+    inits = [Init("meta", meta, job.frozen)] + [job.baseline(b) for b in spec.eval.baselines]
+    by_shots: dict[str, Any] = {}
+    total = len(spec.eval.shots) * len(inits)
+    done = 0
+    t0 = time.perf_counter()
+    for shots in spec.eval.shots:
+        curves = {}
+        for init in inits:
+            # The stream is the shot count: each shot setting has its own tasks, and all
+            # inits see the same ones.
+            curves[init.name] = evaluator.curves(init, "test", shots, spec.eval.tasks, shots,
+                                                 spec.eval.chunk, spec.eval.query)
+            done += 1
+            on_progress("evaluate", done, total, {"shots": shots, "init": init.name})
+        by_shots[str(shots)] = summarize(curves, objective.higher_is_better, spec.eval.target)
+    return {
+        "metric": objective.metric_name,
+        "higher_is_better": objective.higher_is_better,
+        "split": "test",
+        "tasks": spec.eval.tasks,
+        "query": spec.eval.query or spec.family.query,
+        "steps": spec.eval.steps,
+        "inner_steps": spec.inner.steps,
+        "seconds": time.perf_counter() - t0,
+        "shots": by_shots,
+    }
+
+
 def adaptation_step_seconds(job: Job, init: Init, split: str, shots: int, steps: int,
                             tasks: int = 20, stream: int = 0) -> float:
     """Measured seconds per adaptation step of ONE task (not a vmapped batch): what
     adapting a single new task costs. The median over ``tasks`` tasks of (time to adapt
     ``steps`` steps) / ``steps``, each after the compiled graph is warm."""
-    import time
-
     algorithm, loss_fn = job.algorithm, job.loss_fn(init.frozen)
     steps = max(1, steps)
 

@@ -181,7 +181,7 @@ def _hyper_base(spec: JobSpec, trainable: Params) -> Params:
     run = spec.algorithm.hyper.init
     if run is None:
         return trainable
-    from metapeft_dist.adapt import AdaptError, load_init
+    from metapeft_dist.rundir import AdaptError, load_init
 
     try:
         _, meta, _ = load_init(run, text=False)

@@ -31,16 +31,13 @@ import yaml
 
 from metapeft_dist.config import JobSpec
 from metapeft_dist.cost import SpendMeter, cost_summary
-from metapeft_dist.evaluate import Evaluator, summarize
+from metapeft_dist.evaluate import Evaluator, Progress, evaluate_job
 from metapeft_dist.job import Init, Job, build_job, with_family_path
 from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics, push_outcome
 from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
 from metapeft_dist.trainer import MetaTrainer
 from metapeft_dist.tree import Meta, num_elements
 from metapeft_dist.wire import encode
-
-# on_progress(stage, done, total, info): stages "setup", "meta-train", "evaluate", "done".
-Progress = Callable[[str, int, int, dict[str, Any]], None]
 
 VAL_STREAM = 0  # meta-validation always uses the same tasks
 
@@ -416,35 +413,3 @@ def validate(job: Job, validator: Evaluator, meta: Meta) -> tuple[float, float]:
         return float(curves[:, -2].mean()), float(curves[:, -1].mean())
     value = float(curves[:, -1].mean())
     return value, value
-
-
-def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, Any]:
-    """Meta-learned init vs baselines on meta-test tasks, for every shot setting."""
-    spec, objective = job.spec, job.objective
-    evaluator = Evaluator(job, spec.eval.steps)
-    inits = [Init("meta", meta, job.frozen)] + [job.baseline(b) for b in spec.eval.baselines]
-    by_shots: dict[str, Any] = {}
-    total = len(spec.eval.shots) * len(inits)
-    done = 0
-    t0 = time.perf_counter()
-    for shots in spec.eval.shots:
-        curves = {}
-        for init in inits:
-            # The stream is the shot count: each shot setting has its own tasks, and all
-            # inits see the same ones.
-            curves[init.name] = evaluator.curves(init, "test", shots, spec.eval.tasks, shots,
-                                                 spec.eval.chunk, spec.eval.query)
-            done += 1
-            on_progress("evaluate", done, total, {"shots": shots, "init": init.name})
-        by_shots[str(shots)] = summarize(curves, objective.higher_is_better, spec.eval.target)
-    return {
-        "metric": objective.metric_name,
-        "higher_is_better": objective.higher_is_better,
-        "split": "test",
-        "tasks": spec.eval.tasks,
-        "query": spec.eval.query or spec.family.query,
-        "steps": spec.eval.steps,
-        "inner_steps": spec.inner.steps,
-        "seconds": time.perf_counter() - t0,
-        "shots": by_shots,
-    }

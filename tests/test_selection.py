@@ -80,7 +80,7 @@ def test_similarity_weighs_the_runs_own_evaluations():
 
 
 def test_run_evaluation_reads_the_nearest_evaluated_shot_count(tmp_path):
-    from metapeft_dist.adapt import run_evaluation
+    from metapeft_dist.rundir import run_evaluation
 
     def summary(meta, random):
         return {"inits": {"meta": {"mean": [0.2, meta]}, "random": {"mean": [0.2, random]}}}
@@ -114,7 +114,8 @@ def test_configurations_name_each_peft_configuration_once():
 
 
 def test_tasks_of_runs_with_other_lora_layers_are_embedded_through_one_top_layer():
-    from metapeft_dist.adapt import AdaptError, probe_model
+    from metapeft_dist.rundir import AdaptError
+    from metapeft_dist.task_embedding import probe_model
 
     def spec(model):
         return parse_spec(f"family: {{name: wordnet}}\nalgorithm: {{name: fomaml}}\n"

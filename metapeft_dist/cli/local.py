@@ -206,7 +206,7 @@ def adapt(run_dir: str, candidates: tuple[str, ...], data: str, holdout: str | N
     (or the configuration --init auto chooses), and write its adapter (mlx-lm's format
     for a causal LM)."""
     from metapeft_dist import api
-    from metapeft_dist.adapt import AdaptError
+    from metapeft_dist.rundir import AdaptError
     from metapeft_dist.embed import ProbeError
 
     if run_dir not in ("auto", "hyper") and candidates:
@@ -265,7 +265,7 @@ def embed(data: str | None, fit: str | None, families: tuple[str, ...], steps: i
     from pathlib import Path
 
     from metapeft_dist import api
-    from metapeft_dist.adapt import AdaptError
+    from metapeft_dist.rundir import AdaptError
     from metapeft_dist.embed import ProbeError
 
     if (data is None) == (fit is None):
@@ -313,7 +313,7 @@ def evaluate(run_dir: str, family: str | None, data: str | None, overrides: tupl
     """Compare a run's meta-learned init with the standard init (and head-only tuning)
     on held-out tasks: accuracy after every adaptation step, with 95% CIs."""
     from metapeft_dist import api
-    from metapeft_dist.adapt import AdaptError
+    from metapeft_dist.rundir import AdaptError
     from metapeft_dist.results import format_table
 
     try:

@@ -83,7 +83,7 @@ def parse_spec(text: str, default_name: str = "job", overrides: typing.Sequence[
     data.setdefault("name", default_name)
     errors: list[tuple[str, str]] = []
     for item in overrides:
-        _apply_override(data, item, errors)
+        apply_override(data, item, errors)
     if errors:
         raise ConfigError(errors)
     return from_dict(data)
@@ -109,7 +109,9 @@ def section_from_dict(cls: type, data: Any, path: str) -> Any:
     return section
 
 
-def _apply_override(data: dict, item: str, errors: list[tuple[str, str]]) -> None:
+def apply_override(data: dict, item: str, errors: list[tuple[str, str]]) -> None:
+    """Set ``section.key=value`` (the value read as YAML) in the plain spec ``data``,
+    creating sections on the way; a malformed item is appended to ``errors``."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         errors.append(("", f"override {item!r} must look like section.key=value"))
