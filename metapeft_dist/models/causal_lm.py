@@ -18,19 +18,37 @@ token, ``sum(mask) - 1``, and equal the unpadded LM's. A prompt longer than ``ma
 keeps its first tokens and its ``"\\nLabel:"`` tail, so it always ends where the label
 comes.
 
+For the same reason a prompt's hidden states entering the first adapted layer do not
+depend on the adapters: the layers below it run once per corpus, as the encoder's do
+(models/encoder.py), into the frozen entry ``inputs.hidden`` ((N, L, hidden), float16
+unless a state overflows it, then float32), cached on disk under
+``$METAPEFT_CACHE/causal_lm`` (default ``~/.cache/metapeft``) by a key over the model's
+files, the texts, ``max_len`` and that layer (models/lm_states.py). With every layer
+adapted it holds the embedding lookup. A call then runs only the adapted layers (the top
+one's MLP at the read position alone), the final norm, and the head's rows of the
+verbalizer tokens: never the full vocabulary. Frozen entries never travel
+(``Job.stored_frozen``): each process builds them, from the cache.
+
 The base weights live in the mlx-lm module, loaded once per process and LoRA
 configuration (they never enter the parameter dict, never travel). The parameter dict
 holds the frozen inputs and the adapters, named as mlx-lm names them
 (``model.layers.1.self_attn.q_proj.lora_a`` (in, r), ``.lora_b`` (r, out); the layer
 computes ``linear(x) + scale * (x A) B``), so they export as they are (models/export.py).
-``__call__`` sets the adapter arrays into the module (``module.update``) and runs it: a
-functional interface over a stateful module.
+``__call__`` sets the adapter arrays into the module (``module.update``) and runs its
+adapted layers: a functional interface over a stateful module. Splitting the forward
+this way assumes llama's layout (embedding, blocks ``x + attn(norm(x))`` then
+``h + mlp(norm(h))``, final norm, head); it is checked against the module's own logits
+when the module is loaded, and an architecture that differs is refused.
+
+``model.path`` is an mlx-lm directory, a GGUF file or a known model name, resolved by
+models/gguf.py (converted once, to ``model.dtype``).
 
 * ``mx.value_and_grad`` w.r.t. the adapter dict works through ``module.update``: the
   arrays set into the module are the traced inputs, so gradients flow (tested against
   finite differences).
-* ``mx.vmap`` over a leading task axis of the adapters (and of x) works too (tested
-  against separate calls), so ``run.batching: vmap`` applies.
+* ``mx.vmap`` over a leading task axis of the adapters (and of x) and ``mx.compile``
+  work too (tested against separate, uncompiled calls), so ``run.batching: vmap`` and
+  ``run.compile`` apply.
 
 The module is shared by every call in the process and holds the last adapters set into
 it: calls must not run concurrently in threads (actors run one task at a time).
@@ -39,7 +57,9 @@ it: calls must not run concurrently in threads (actors run one task at a time).
 from __future__ import annotations
 
 import functools
+import os
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +68,20 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from metapeft_dist.models.gguf import stderr_progress  # the conversion's progress lines
+from metapeft_dist.models.lm_states import (
+    cache_dir,
+    check_layout,
+    corpus_key,
+    corpus_states,
+    first_adapted,
+    head_rows,
+    read_states,
+    state_dtype,
+    tied,
+    upper_states,
+    write_states,
+)
 from metapeft_dist.tree import Params
 
 PROMPT = "Text: {text}\nLabel:"
@@ -63,7 +97,8 @@ TARGET_KEYS = {"query": "self_attn.q_proj", "key": "self_attn.k_proj",
 @dataclass(frozen=True)
 class CausalLMModel:
     """LoRA-adapted causal LM read as a ``out_dim``-way classifier. ``texts`` is the
-    corpus the indices point into; ``num_layers`` top layers get adapters on ``keys``."""
+    corpus the indices point into; ``num_layers`` top layers get adapters on ``keys``
+    (-1: every layer)."""
 
     path: str
     num_layers: int
@@ -77,8 +112,12 @@ class CausalLMModel:
 
     def module(self) -> nn.Module:
         """The process's mlx-lm module for this path and LoRA configuration."""
-        return _load(self.path, self.num_layers, self.keys, self.lora_rank,
-                     self.lora_scale)[0]
+        return _load(self.path, *self._lora)[0]
+
+    @property
+    def start_layer(self) -> int:
+        """The first adapted layer: the cached corpus states enter it."""
+        return first_adapted(len(self.module().model.layers), self.num_layers)
 
     def verbalizer(self) -> mx.array:
         """Token ids of " A", " B", ... for labels 0..out_dim-1."""
@@ -86,7 +125,7 @@ class CausalLMModel:
 
     def init(self, key: mx.array) -> Params:
         """Fresh adapters (A uniform in +-1/sqrt(in), B = 0: the model starts equal to
-        the base LM) and the tokenized corpus prompts."""
+        the base LM), the tokenized corpus prompts and their cached lower-layer states."""
         shapes = adapter_shapes(self.module())
         keys = mx.random.split(key, len(shapes))
         adapters = {}
@@ -96,21 +135,29 @@ class CausalLMModel:
                 adapters[name] = mx.random.uniform(-bound, bound, shape, key=k)
             else:
                 adapters[name] = mx.zeros(shape)
-        return {**adapters, **_prompts(self.path, self.texts, self.max_len)}
+        return {**adapters, **_corpus_states(self.path, self.texts, self.max_len,
+                                             self.start_layer, self._lora)}
 
     def __call__(self, params: Params, x: mx.array) -> mx.array:
         """x: int example indices (...,) -> logits (..., out_dim) of the verbalizer
-        tokens at each prompt's last position."""
+        tokens at each prompt's last position, from its cached states through the
+        adapted layers."""
         module = self.module()
         module.update(tree_unflatten([(n, v) for n, v in params.items()
                                       if not n.startswith("inputs.")]))
         index = x.astype(mx.int32)
-        ids = params["inputs.ids"][index]
+        hidden = params["inputs.hidden"][index]
         mask = params["inputs.mask"][index]
-        lead, length = ids.shape[:-1], ids.shape[-1]
+        length, width = hidden.shape[-2:]
         last = mask.reshape(-1, length).sum(axis=-1) - 1
-        logits = next_token_logits(module, ids.reshape(-1, length), last)
-        return logits[:, self.verbalizer()].astype(mx.float32).reshape(*lead, self.out_dim)
+        states = hidden.reshape(-1, length, width).astype(state_dtype(module))
+        read = upper_states(module, self.start_layer, states, last)
+        logits = read @ self.label_rows().T
+        return logits.astype(mx.float32).reshape(*index.shape, self.out_dim)
+
+    def label_rows(self) -> mx.array:
+        """(out_dim, hidden): the LM head's rows of the verbalizer tokens."""
+        return _label_rows(self.path, self._lora, self.out_dim)
 
     def with_out_dim(self, out_dim: int) -> "CausalLMModel":
         return CausalLMModel(self.path, self.num_layers, self.keys, self.lora_rank,
@@ -123,14 +170,20 @@ class CausalLMModel:
         return export_adapters(params, out_dir, self.path, self.num_layers, self.lora_rank,
                                self.lora_scale, self.keys)
 
+    @property
+    def _lora(self) -> tuple:
+        return (self.num_layers, self.keys, self.lora_rank, self.lora_scale)
+
 
 def build_causal_lm(spec, texts: tuple[str, ...], out_dim: int) -> CausalLMModel:
-    """``spec`` is a :class:`metapeft_dist.config.ModelSpec` whose ``path`` is a local
-    mlx-lm model directory; ``lora.targets`` names projections as for the encoder
-    (query, key, value, output) or as mlx-lm module paths (self_attn.q_proj)."""
+    """``spec`` is a :class:`metapeft_dist.config.ModelSpec` whose ``path`` is an mlx-lm
+    model directory, a GGUF file or a known model name (:func:`resolve_path`, at
+    ``spec.dtype``); ``lora.targets`` names projections as for the encoder (query, key,
+    value, output) or as mlx-lm module paths (self_attn.q_proj)."""
     if not spec.path:
-        raise ValueError("model.path: a causal LM needs a local mlx-lm model directory")
-    path = str(Path(spec.path).expanduser())
+        raise ValueError("model.path: a causal LM needs a local mlx-lm model directory, a "
+                         "GGUF file or a known model name")
+    path = str(resolve_path(spec.path, spec.dtype))
     layers = _config(path).get("num_hidden_layers")
     if spec.lora.layers is None or layers is None:
         num_layers = spec.lora.layers or layers or -1  # -1: every layer, as in mlx-lm
@@ -141,12 +194,46 @@ def build_causal_lm(spec, texts: tuple[str, ...], out_dim: int) -> CausalLMModel
                          spec.max_len, out_dim, tuple(texts))
 
 
+def platform_dtype() -> str:
+    """What ``dtype: auto`` means here: q4 on macOS (QLoRA on MLX's Metal kernels, as
+    mlx-lm users run it), float32 elsewhere (MLX's CPU quantized matmul is ~17x slower
+    than its BLAS float32 one)."""
+    return "q4" if sys.platform == "darwin" else "float32"
+
+
+def resolve_path(path_or_name: str, dtype: str = "auto") -> Path:
+    """The mlx-lm model directory ``model.path`` names: a directory as it is stored, a
+    GGUF file or a known model converted once to ``dtype`` (models/gguf.py). Errors name
+    the field: FileNotFoundError for what does not exist, ValueError for the rest."""
+    from metapeft_dist.models import gguf
+
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        if dtype != "auto":
+            raise ValueError(f"model.dtype: {path} is an mlx-lm model directory, used as "
+                             f"stored; dtype {dtype} applies to GGUF files and known names "
+                             "(leave it auto)")
+        return _directory(str(path))
+    if not path.exists() and path_or_name not in gguf.KNOWN_MODELS:
+        if path.suffix == ".gguf":
+            raise FileNotFoundError(f"model.path: no GGUF file {path}")
+        if os.sep in path_or_name:
+            _directory(str(path))  # raises, naming the missing config.json
+        raise FileNotFoundError(f"model.path: {path_or_name!r} is neither a model directory, "
+                                f"a GGUF file nor a known model ({', '.join(gguf.KNOWN_MODELS)})")
+    chosen = platform_dtype() if dtype == "auto" else dtype
+    try:
+        return gguf.resolve_model(path_or_name, chosen)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"model.path: {err}") from err
+
+
 def next_token_logits(module: nn.Module, ids: mx.array, last: mx.array) -> mx.array:
     """(n, vocab) logits after position ``last[i]`` of ``ids[i]``: the trunk over all
-    positions, the LM head only at the read position."""
+    positions, the LM head only at the read position. The uncached reference path."""
     hidden = module.model(ids)
     hidden = mx.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    if getattr(module.args, "tie_word_embeddings", False) or not hasattr(module, "lm_head"):
+    if tied(module):
         return module.model.embed_tokens.as_linear(hidden)
     return module.lm_head(hidden)
 
@@ -187,7 +274,7 @@ def _load(path: str, num_layers: int, keys: tuple[str, ...], rank: int, scale: f
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     module, tokenizer = mlx_lm.load(str(_directory(path)))
-    _check_head(module)
+    check_layout(module, first_adapted(len(module.model.layers), num_layers))
     module.freeze()
     linear_to_lora_layers(module, num_layers,
                           {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(keys)})
@@ -197,19 +284,11 @@ def _load(path: str, num_layers: int, keys: tuple[str, ...], rank: int, scale: f
     return module, tokenizer
 
 
-def _check_head(module: nn.Module) -> None:
-    """Reading the head at one position must give the module's own logits (models that
-    scale or cap logits after the head are not supported)."""
-    if not hasattr(module, "model") or not hasattr(module.model, "embed_tokens"):
-        raise ValueError(f"{type(module).__module__}: unsupported causal LM layout "
-                         "(needs .model.embed_tokens)")
-    ids = mx.array([[1, 2, 3]], dtype=mx.int32)
-    ours = next_token_logits(module, ids, mx.array([2]))
-    theirs = module(ids)[:, 2]
-    if not mx.allclose(ours.astype(mx.float32), theirs.astype(mx.float32), rtol=1e-2,
-                       atol=1e-2).item():
-        raise ValueError(f"{type(module).__module__}: the LM head read at one position "
-                         "differs from the model's logits; this architecture is not supported")
+@functools.lru_cache(maxsize=8)
+def _label_rows(path: str, lora: tuple, ways: int) -> mx.array:
+    rows = head_rows(_load(path, *lora)[0], mx.array(_verbalizer(path, ways), dtype=mx.int32))
+    mx.eval(rows)
+    return rows
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,3 +335,23 @@ def _prompts(path: str, texts: tuple[str, ...], max_len: int) -> Params:
         ids[i, :len(row)] = row
         mask[i, :len(row)] = 1
     return {"inputs.ids": mx.array(ids), "inputs.mask": mx.array(mask)}
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int,
+                   lora: tuple) -> Params:
+    """``inputs.ids``, ``inputs.mask`` and ``inputs.hidden`` (the states entering layer
+    ``start``) for every corpus text: from the disk cache, else computed and cached."""
+    prompts = _prompts(path, texts, max_len)
+    file = cache_dir() / f"{corpus_key(path, PROMPT, texts, max_len, start)}.safetensors"
+    hidden = read_states(file, prompts)
+    if hidden is None:
+        print(f"metapeft: running {len(texts)} prompts through the frozen layers below "
+              f"layer {start} of {Path(path).name} (once; cached in {file.parent})",
+              file=sys.stderr, flush=True)
+        hidden = corpus_states(_load(path, *lora)[0], prompts["inputs.ids"],
+                               prompts["inputs.mask"], start, progress=stderr_progress())
+        write_states(file, {**prompts, "inputs.hidden": hidden})
+    return {**prompts, "inputs.hidden": hidden}
+
+
