@@ -189,9 +189,52 @@ def _layer_norm(params: Params, name: str, x: mx.array, eps: float) -> mx.array:
     return mx.fast.layer_norm(x, params[f"{name}.weight"], params[f"{name}.bias"], eps)
 
 
+# erf(z) = z P(z^2) / Q(z^2) for |z| <= 4 (and +-1 beyond, to float32 precision): the
+# rational approximation Eigen and XLA use for float32: within 4.5e-7 of the true erf
+# (measured against float64; mx.erf: 5.4e-7). Only multiplies and adds, so mx.compile fuses it into
+# one pass; MLX's CPU erf costs ~35 ns an element, and it was half of the time spent
+# encoding a corpus through MiniLM's frozen layers.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+def _erf(z: mx.array) -> mx.array:
+    z = mx.clip(z, -4.0, 4.0)
+    z2 = z * z
+    p = _ERF_P[0]
+    for c in _ERF_P[1:]:
+        p = p * z2 + c
+    q = _ERF_Q[0]
+    for c in _ERF_Q[1:]:
+        q = q * z2 + c
+    return z * p / q
+
+
+@mx.compile
+def _gelu_forward(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + _erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@mx.compile
+def _gelu_derivative(x: mx.array, cotangent: mx.array) -> mx.array:
+    # d/dx x Phi(x) = Phi(x) + x phi(x)
+    phi = mx.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cotangent * (0.5 * (1.0 + _erf(x * (1.0 / math.sqrt(2.0)))) + x * phi)
+
+
+@mx.custom_function
 def _gelu(x: mx.array) -> mx.array:
-    # Hugging Face's "gelu" is the exact erf form, not the tanh approximation.
-    return 0.5 * x * (1.0 + mx.erf(x / math.sqrt(2.0)))
+    """Hugging Face's "gelu": the exact erf form, not the tanh approximation. Its
+    derivative is written out (autodiff through the rational erf is slower)."""
+    return _gelu_forward(x)
+
+
+@_gelu.vjp
+def _gelu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
+    return _gelu_derivative(x, cotangent)
 
 
 def embed(params: Params, config: BertConfig, ids: mx.array) -> mx.array:

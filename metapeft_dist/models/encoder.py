@@ -34,6 +34,7 @@ from metapeft_dist.tree import Params
 # standard one included) logits of order one.
 LOGIT_SCALE = 10.0
 _BATCH = 64  # texts per forward pass when building the cache
+STATES_VERSION = 2  # 2: GELU through bert._erf (its last bits differ from mx.erf's)
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,8 @@ def cache_dir() -> Path:
 
 def corpus_key(path: str, texts: tuple[str, ...], max_len: int, start: int) -> str:
     """What the cached states depend on: the model's weights file, the texts, the token
-    budget and the layer they enter."""
-    digest = hashlib.sha256()
+    budget, the layer they enter and the code that computes them (STATES_VERSION)."""
+    digest = hashlib.sha256(f"v{STATES_VERSION}|".encode())
     weights = Path(path) / "model.safetensors"
     stat = weights.stat()
     digest.update(f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{max_len}|{start}"

@@ -121,12 +121,12 @@ def text_jobs():
 def test_task2vec_tells_text_families_apart(text_jobs):
     """Held-out tasks of WordNet supersenses and of fortune topics through the MiniLM
     probe: a task is nearer another task of its family than a task of the other family
-    in >= 90% of triples (measured: 95%)."""
+    in >= 90% of triples (measured: 94.7% with 6 tasks a family)."""
     groups = []
     for job in text_jobs.values():
         probe = probe_from_job(job)
-        groups.append(make_embedder("task2vec", probe).embed(family_samples(job, "test", 7, 8)))
-    assert groups[0].shape == (8, 8448)  # per unit of MiniLM's top layer
+        groups.append(make_embedder("task2vec", probe).embed(family_samples(job, "test", 7, 6)))
+    assert groups[0].shape == (6, 8448)  # per unit of MiniLM's top layer
     share = within_beats_between(groups)
     print(f"task2vec within-family nearer than between in {share:.1%} of triples")
     assert share >= 0.9
