@@ -1,5 +1,6 @@
 """`make bench`: the speed and quality figures the acceptance criteria name, measured in
 one run on this machine, printed as tables and saved to .bench/bench-TIMESTAMP.json.
+RQ1-RQ3 and Experiments 1-3, which the sections measure: docs/research-questions.md.
 
     python bench/run.py                  # every section
     python bench/run.py speed sinusoid   # some sections
