@@ -12,10 +12,8 @@ JOBS = ROOT / "jobs"
 
 
 
-@pytest.fixture
-def tiny_spec_text() -> str:
-    """A job that runs in a few seconds: sinusoid, second-order MAML."""
-    return """
+# A job that runs in a few seconds: sinusoid, second-order MAML.
+TINY_SPEC = """
 family: {name: sinusoid, shots: 5, query: 5}
 model: {hidden: [16, 16]}
 algorithm: {name: maml, meta_batch: 4, iterations: 30}
@@ -25,6 +23,22 @@ eval: {tasks: 8, shots: [5], steps: 3, every: 10, val_tasks: 4, chunk: 4,
        baselines: [random]}
 checkpoint: {every: 10, keep: 2}
 """
+
+# Short texts of three topics, for JSONL task files of two topics each.
+TOPICS = {
+    "weather": ["rain falls today", "a storm comes", "the sun is warm", "snow at night",
+                "wind in the trees", "fog at dawn"],
+    "food": ["pasta with sauce", "fresh bread", "pizza for dinner", "apples and cheese",
+             "salty soup", "chocolate cake"],
+    "sport": ["the team won", "she runs fast", "a late goal", "an ace in tennis",
+              "laps in the pool", "a long climb by bike"],
+}
+
+
+@pytest.fixture
+def tiny_spec_text() -> str:
+    """:data:`TINY_SPEC`."""
+    return TINY_SPEC
 
 
 @pytest.fixture

@@ -17,14 +17,7 @@ from tiny_llama import save_tiny_llama
 from metapeft_dist.config import parse_spec
 from metapeft_dist.runner import run_job
 
-TOPICS = {
-    "weather": ["rain falls today", "a storm comes", "the sun is warm", "snow at night",
-                "wind in the trees", "fog at dawn"],
-    "food": ["pasta with sauce", "fresh bread", "pizza for dinner", "apples and cheese",
-             "salty soup", "chocolate cake"],
-    "sport": ["the team won", "she runs fast", "a late goal", "an ace in tennis",
-              "laps in the pool", "a long climb by bike"],
-}
+from conftest import TOPICS
 
 
 def _write_task(path, labels, rows=slice(None)):

@@ -28,6 +28,8 @@ from metapeft_dist.config import parse_spec
 from metapeft_dist.runner import run_job
 from metapeft_dist.runtime.checkpoint import list_checkpoints, load_checkpoint
 
+from conftest import TOPICS
+
 SPEC = """
 name: cluster
 family: {name: sinusoid, shots: 5, query: 5}
@@ -274,16 +276,6 @@ def test_async_never_applies_a_result_staler_than_the_bound(cluster, tmp_path, b
         assert ps["dropped"] > 0  # three workers reading one version: some must be stale
 
 
-LLAMA_TASKS = {
-    "weather": ["rain falls today", "a storm comes", "the sun is warm", "snow at night",
-                "wind in the trees", "fog at dawn"],
-    "food": ["pasta with sauce", "fresh bread", "pizza for dinner", "apples and cheese",
-             "salty soup", "chocolate cake"],
-    "sport": ["the team won", "she runs fast", "a late goal", "an ace in tennis",
-              "laps in the pool", "a long climb by bike"],
-}
-
-
 def _llama_job(tmp_path, iterations: int = 4) -> tuple:
     """A causal-LM LoRA spec on a tiny llama saved by the test and a JSONL task family
     of three files: (spec, llama directory, tasks directory)."""
@@ -294,7 +286,7 @@ def _llama_job(tmp_path, iterations: int = 4) -> tuple:
     data.mkdir()
     for i, pair in enumerate([("weather", "food"), ("food", "sport"), ("sport", "weather")]):
         lines = [json.dumps({"text": t, "label": label}) for label in pair
-                 for t in LLAMA_TASKS[label]]
+                 for t in TOPICS[label]]
         (data / f"task{i}.jsonl").write_text("\n".join(lines) + "\n")
     spec = parse_spec(f"""
 name: llama

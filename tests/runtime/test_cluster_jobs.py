@@ -21,23 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, TINY_SPEC
 
 VENV_BIN = Path(sys.executable).parent
 CLUSTER_YAML = ROOT / "cluster" / "mac-cluster.yaml"
 
-TINY = """
-name: tiny
-family: {name: sinusoid, shots: 5, query: 5}
-model: {hidden: [16, 16]}
-algorithm: {name: maml, meta_batch: 4, iterations: 30}
-inner: {steps: 1, lr: 0.01}
-outer: {lr: 0.001}
-eval: {tasks: 8, shots: [5], steps: 3, every: 10, val_tasks: 4, chunk: 4,
-       baselines: [random]}
-checkpoint: {every: 10, keep: 2}
-metrics: {port: 0}
-"""
+TINY = f"\nname: tiny{TINY_SPEC}metrics: {{port: 0}}\n"
 LONG = TINY.replace("name: tiny", "name: long").replace("iterations: 30",
                                                            "iterations: 1000000")
 
