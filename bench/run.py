@@ -304,7 +304,7 @@ def bench_metrics(pairs: int = 16) -> dict:
 
     spend = SpendMeter({})
     on = JobMetrics("bench", "maml", spend=spend)
-    off = NoMetrics(spend=spend)
+    off = NoMetrics()
     on.job_started("digits", "sync", 10**6, 2, None, None)
     server, stop = MetricsServer(on.registry, "127.0.0.1", 0), threading.Event()
 
@@ -327,9 +327,9 @@ def bench_metrics(pairs: int = 16) -> dict:
             job = build_job(spec)
             if mode == "sync":
                 connect(None, 2)
-                executor = RayExecutor(job, metrics=off)
+                executor = RayExecutor(job, metrics=off, spend=spend)
             else:
-                executor = MetaTrainer(job, metrics=off)
+                executor = MetaTrainer(job, metrics=off, spend=spend)
             it = 0
             block = 40 if mode == "sync" else 400
 

@@ -25,7 +25,9 @@ file Ray writes on the head node.
 
 A :class:`JobMetrics` takes a registry, so a test builds a fresh one and reads values
 back; :class:`NoMetrics` is the same interface recording nothing (``metrics.enabled:
-false``).
+false``). Spend is not recorded here: the executors keep it on the cost meter
+(cost.SpendMeter) they are given, and a JobMetrics given that meter exports it, computed
+at scrape time.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ import errno
 import math
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import (
     CollectorRegistry, Counter, Gauge, Histogram, Info, push_to_gateway, start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from metapeft_dist.cost import SpendMeter
+if TYPE_CHECKING:
+    from metapeft_dist.cost import SpendMeter
 
 # Per-chunk inner-loop seconds: from sub-millisecond toy tasks to minutes of LM work.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -51,13 +54,12 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
 
 class JobMetrics:
     """The metrics of one job, recorded by the driver (or the in-process trainer) and
-    the runner."""
+    the runner; with ``spend``, the meter's reserved seconds, rates and spend too."""
 
     def __init__(self, job: str, algorithm: str, registry: CollectorRegistry | None = None,
                  spend: SpendMeter | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.job, self.algorithm = job, algorithm
-        self.spend = spend if spend is not None else SpendMeter({})
         r = self.registry
         ja = ("job", "algorithm")
         jn = ("job", "node")
@@ -165,7 +167,8 @@ class JobMetrics:
         self._break_even = Gauge("metapeft_cost_break_even_tasks",
                                  "Tasks served after which meta-training has paid for "
                                  "itself (+Inf: never)", ("job",), registry=r)
-        self.registry.register(_SpendCollector(self))
+        if spend is not None:
+            self.registry.register(_SpendCollector(job, spend))
         self._lock = threading.Lock()
 
     # --- the job ------------------------------------------------------------------------
@@ -267,10 +270,9 @@ class JobMetrics:
 class NoMetrics(JobMetrics):
     """``metrics.enabled: false``: the same calls, nothing recorded or served."""
 
-    def __init__(self, job: str = "", algorithm: str = "", registry=None, spend=None):
+    def __init__(self, job: str = "", algorithm: str = "", registry=None):
         self.registry = CollectorRegistry()
         self.job, self.algorithm = job, algorithm
-        self.spend = spend if spend is not None else SpendMeter({})
 
     def job_started(self, *args, **kwargs) -> None: pass
     def job_ended(self, *args, **kwargs) -> None: pass
@@ -289,11 +291,11 @@ class _SpendCollector(Collector):
     """Spend and reserved seconds computed at scrape time from the spend meter, so the
     exported counter is exactly reserved seconds x node rate at that moment."""
 
-    def __init__(self, metrics: JobMetrics):
-        self.metrics = metrics
+    def __init__(self, job: str, meter: SpendMeter):
+        self.job, self.meter = job, meter
 
     def collect(self):
-        meter, job = self.metrics.spend, self.metrics.job
+        meter, job = self.meter, self.job
         now = time.time()
         reserved = CounterMetricFamily(
             "metapeft_node_reserved_seconds",

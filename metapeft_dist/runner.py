@@ -92,16 +92,19 @@ class Executor(Protocol):
 
 
 def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
-                  log: Callable[[str], None], metrics: JobMetrics | None = None) -> Executor:
+                  log: Callable[[str], None], metrics: JobMetrics | None = None,
+                  spend: SpendMeter | None = None) -> Executor:
+    """The executor of ``job``'s runtime mode; it records on ``metrics`` and holds its
+    nodes on ``spend`` (the cost meter)."""
     if job.spec.runtime.mode == "local":
         if resume is None:
-            return MetaTrainer(job, metrics=metrics)
+            return MetaTrainer(job, metrics=metrics, spend=spend)
         return MetaTrainer(job, resume.meta, resume.optimizer_state, metrics,
-                           resume.info.get("version", resume.iteration))
+                           resume.info.get("version", resume.iteration), spend)
     from metapeft_dist.runtime.driver import RayExecutor
 
     return RayExecutor(job, address, resume.path if resume else None,
-                       resume.iteration if resume else 0, log, metrics)
+                       resume.iteration if resume else 0, log, metrics, spend)
 
 
 def keep_task_files(spec: JobSpec, files: dict[str, bytes], run_dir: Path) -> JobSpec:
@@ -146,13 +149,14 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
     spend = SpendMeter(spec.cost.node_table(), spec.cost.energy_usd_per_kwh)
     if resume is not None:
         spend.restore(resume.info.get("reserved_seconds", {}))
-    metrics_cls = JobMetrics if spec.metrics.enabled else NoMetrics
-    metrics = metrics_cls(spec.name, spec.algorithm.name, spend=spend)
+    metrics = (JobMetrics(spec.name, spec.algorithm.name, spend=spend) if spec.metrics.enabled
+               else NoMetrics(spec.name, spec.algorithm.name))
     server = None
     outcome: dict[str, Any] = {"status": "failed"}
     totals: dict[str, Any] = {}
     try:
-        executor = make_executor(job, address, resume, log, metrics)  # nothing written before
+        # nothing is written to the run directory before the executor is up
+        executor = make_executor(job, address, resume, log, metrics, spend)
         try:
             if spec.metrics.enabled:
                 server = MetricsServer(metrics.registry, spec.metrics.address,
@@ -172,7 +176,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
                                 spec.cost.budget_usd)
             on_progress("setup", 0, 1, {"run_dir": str(run_dir)})
             training, selected = meta_train(job, executor, run_dir, on_progress, resume,
-                                            metrics)
+                                            metrics, spend)
             executor.release()
             runtime = executor.stats()
             totals = {"meta_iterations": spec.algorithm.iterations,
@@ -304,18 +308,21 @@ class History:
 
 
 def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progress = _quiet,
-               resume: Checkpoint | None = None,
-               metrics: JobMetrics | None = None) -> tuple[dict[str, Any], Meta]:
+               resume: Checkpoint | None = None, metrics: JobMetrics | None = None,
+               spend: SpendMeter | None = None) -> tuple[dict[str, Any], Meta]:
     """Meta-train from the start or from ``resume``; returns (summary, the selected
     meta-parameters).
 
     With ``eval.select: best`` the selected init is the one with the best meta-validation
     metric (also saved as checkpoints/best.safetensors), else the last one. Periodic
     checkpoints carry the best init so far, so a resumed run selects exactly as an
-    uninterrupted one would.
+    uninterrupted one would. Checkpoints carry the nodes' reserved seconds so far
+    (``spend``, the meter the executor holds its nodes on), so a resumed run's cost
+    counts the sessions before it.
     """
     spec = job.spec
     metrics = metrics if metrics is not None else NoMetrics()
+    spend = spend if spend is not None else SpendMeter({})
     checkpoint_dir = run_dir / "checkpoints"
     iterations = spec.algorithm.iterations
     start = resume.iteration if resume else 0
@@ -337,7 +344,7 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
     def info() -> dict[str, Any]:
         out = {"job": spec.name, "algorithm": job.algorithm.name, "mode": spec.runtime.mode,
                "train_seconds": seconds,
-               "reserved_seconds": metrics.spend.reserved_seconds()}
+               "reserved_seconds": spend.reserved_seconds()}
         if best is not None:
             out.update(best_iteration=best[0], best_metric=best[1])
         return out

@@ -17,7 +17,8 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from metapeft_dist.algorithms import Task
-from metapeft_dist.algorithms.outer import make_optimizer, outer_step
+from metapeft_dist.algorithms.outer import make_optimizer, meta_holder, outer_update
+from metapeft_dist.cost import SpendMeter
 from metapeft_dist.job import Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics, Throughput
 from metapeft_dist.runtime.checkpoint import save_checkpoint
@@ -33,21 +34,21 @@ def total_updates(job: Job) -> int:
 class MetaTrainer:
     def __init__(self, job: Job, meta: Meta | None = None,
                  optimizer_state: dict[str, Any] | None = None,
-                 metrics: JobMetrics | None = None, version: int = 0):
+                 metrics: JobMetrics | None = None, version: int = 0,
+                 spend: SpendMeter | None = None):
         self.job = job
-        # This process is the one node; it is held from now until meta-training ends.
         self.metrics = metrics if metrics is not None else NoMetrics()
+        # This process is the one node; it is held from now until meta-training ends.
+        self.spend = spend if spend is not None else SpendMeter({})
         self.node = platform.node()
-        self.metrics.spend.add_node(self.node)
-        self.metrics.spend.reserve(self.node)
+        self.spend.add_node(self.node)
+        self.spend.reserve(self.node)
         self.metrics.workers(1)
         self.throughput = Throughput()
         self.version = version
         self.tasks_completed = 0
         self.optimizer = make_optimizer(job.spec.outer, total_updates(job))
-        # New containers around the same arrays: mx.compile swaps the leaves of captured
-        # state for tracers in place, which must not touch the caller's trees.
-        self.holder = {"meta": tree_map(lambda a: a, job.initial_meta if meta is None else meta)}
+        self.holder = meta_holder(job.initial_meta if meta is None else meta)
         self.optimizer.init(self.holder["meta"])
         if optimizer_state is not None:
             self.optimizer.state = optimizer_state
@@ -69,20 +70,14 @@ class MetaTrainer:
         if phase in self._steps:
             return self._steps[phase]
         spec = self.job.spec
-        algorithm, loss_fn, optimizer = self.job.algorithm, self.loss_fn, self.optimizer
-        holder = self.holder
+        algorithm, loss_fn = self.job.algorithm, self.loss_fn
         vmap = spec.run.batching == "vmap"
-        clip_norm = spec.outer.clip_norm
 
-        def step(batch: Task, inputs: mx.array):
-            grad, loss = algorithm.batch_grad(holder["meta"], loss_fn, batch, inputs,
-                                              phase, vmap)
-            holder["meta"], norm = outer_step(optimizer, holder["meta"], grad, clip_norm)
-            return loss, norm
+        def gradient(meta: Meta, batch: Task, inputs: mx.array):
+            return algorithm.batch_grad(meta, loss_fn, batch, inputs, phase, vmap)
 
-        if spec.run.compile:
-            state = [holder, optimizer.state]
-            step = mx.compile(step, inputs=state, outputs=state)
+        step = outer_update(self.optimizer, self.holder, spec.outer.clip_norm,
+                            spec.run.compile, gradient)
         self._steps[phase] = step
         return step
 
@@ -145,7 +140,7 @@ class MetaTrainer:
 
     def release(self) -> None:
         """Meta-training is over: this node is no longer held (for the cost)."""
-        self.metrics.spend.release_all()
+        self.spend.release_all()
 
     def close(self) -> None:
         self.release()

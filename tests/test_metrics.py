@@ -2,6 +2,8 @@
 
 import inspect
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -107,6 +109,21 @@ def test_no_metrics_offers_every_recording_method():
     off.job_started("digits", "sync", 1, 1, None, None)
     off.chunk_done("n", 1, 1, 0.1, 0.1, 0.1, 1, 1)
     assert list(off.registry.collect()) == []
+
+
+def test_spend_is_the_cost_meters_and_only_exported_here():
+    """The executors hold nodes on the meter they are given; metrics neither carries it
+    (``metrics.enabled: false`` leaves cost alone) nor imports cost.py to run."""
+    assert not hasattr(NoMetrics("j", "maml"), "spend")
+    assert not hasattr(_metrics(SpendMeter({})), "spend")
+    assert _value(_metrics(), "metapeft_cost_meta_training_usd_total", job="j1") is None
+    assert _value(_metrics(SpendMeter({})), "metapeft_cost_meta_training_usd_total",
+                  job="j1") == 0.0
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, metapeft_dist.metrics; "
+                               "print('metapeft_dist.cost' in sys.modules)"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"
 
 
 def test_server_serves_metrics_and_falls_back_from_a_busy_port():

@@ -3,6 +3,9 @@ deterministic; serial Reptile is the sequential update; meta-training learns."""
 
 from __future__ import annotations
 
+import platform
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from mlx.utils import tree_flatten
 from metapeft_dist.algorithms import reptile_update
 from metapeft_dist.algorithms.inner import adapt
 from metapeft_dist.config import parse_spec
+from metapeft_dist.cost import SpendMeter
 from metapeft_dist.evaluate import Evaluator
 from metapeft_dist.job import Init, build_job
 from metapeft_dist.trainer import MetaTrainer, Prefetcher
@@ -71,6 +75,17 @@ def test_snapshots_survive_later_compiled_steps():
     trainer.step(1)
     assert _max_diff(kept["params"], copy) == 0.0
     assert _max_diff(trainer.meta["params"], copy) > 0.0
+
+
+def test_the_trainer_holds_its_node_on_the_meter_it_is_given():
+    spend = SpendMeter({})
+    trainer = MetaTrainer(build_job(parse_spec(SIN)), spend=spend)
+    trainer.step(0)
+    held = spend.reserved_seconds()
+    assert list(held) == [platform.node()] and held[platform.node()] > 0
+    trainer.close()
+    # released: the reservation no longer grows
+    assert spend.reserved_seconds(now=time.time() + 3600) == spend.reserved_seconds()
 
 
 def test_prefetched_batches_are_the_keyed_ones():

@@ -1,12 +1,13 @@
 """The outer (meta) optimizer: an mlx.optimizers optimizer with a learning-rate
-schedule, and global-norm gradient clipping."""
+schedule, global-norm gradient clipping, and the outer update as one compiled graph."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.optimizers as optim
+from mlx.utils import tree_map
 
 
 def make_schedule(spec, total_updates: int) -> float | Callable[[mx.array], mx.array]:
@@ -52,6 +53,39 @@ def outer_step(optimizer: optim.Optimizer, meta, grad, clip_norm: float | None):
     """
     grad, norm = clip_by_global_norm(grad, clip_norm)
     return optimizer.apply_gradients(grad, meta), norm
+
+
+def meta_holder(meta) -> dict[str, Any]:
+    """``{"meta": meta}`` in new containers around the same arrays, for
+    :func:`outer_update` to rewrite: mx.compile swaps the leaves of captured state for
+    tracers in place, which must not touch the caller's trees."""
+    return {"meta": tree_map(lambda a: a, meta)}
+
+
+def outer_update(optimizer: optim.Optimizer, holder: dict[str, Any], clip_norm: float | None,
+                 compile: bool, gradient: Callable | None = None) -> Callable:
+    """One :func:`outer_step` of ``holder["meta"]`` (a :func:`meta_holder`), as one
+    ``mx.compile``d graph over the holder and the optimizer's state when ``compile``.
+
+    Without ``gradient``, ``update(grad) -> norm`` applies a gradient computed elsewhere
+    (the parameter server, from workers' results). With it, ``update(*args) -> (loss,
+    norm)`` first computes ``(grad, loss) = gradient(meta, *args)`` in the same graph (the
+    in-process trainer's whole meta-step).
+    """
+    if gradient is None:
+        def update(grad):
+            holder["meta"], norm = outer_step(optimizer, holder["meta"], grad, clip_norm)
+            return norm
+    else:
+        def update(*args):
+            grad, loss = gradient(holder["meta"], *args)
+            holder["meta"], norm = outer_step(optimizer, holder["meta"], grad, clip_norm)
+            return loss, norm
+
+    if compile:
+        state = [holder, optimizer.state]
+        update = mx.compile(update, inputs=state, outputs=state)
+    return update
 
 
 def clip_by_global_norm(grads, max_norm: float | None):

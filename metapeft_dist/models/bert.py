@@ -178,11 +178,7 @@ def init_head(key: mx.array, hidden: int, out_dim: int) -> Params:
 
 
 def _dense(params: Params, name: str, x: mx.array, lora_scale: float) -> mx.array:
-    y = x @ params[f"{name}.weight"].T + params[f"{name}.bias"]
-    a = params.get(f"{name}.lora_a")
-    if a is not None:
-        y = y + lora_scale * ((x @ a) @ params[f"{name}.lora_b"])
-    return y
+    return lora.lora_linear(params, name, x, lora_scale, weight="weight", bias="bias")
 
 
 def _layer_norm(params: Params, name: str, x: mx.array, eps: float) -> mx.array:

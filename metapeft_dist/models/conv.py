@@ -12,7 +12,7 @@ import math
 
 import mlx.core as mx
 
-from metapeft_dist.models.lora import init_lora
+from metapeft_dist.models.lora import init_lora, lora_delta
 from metapeft_dist.models.mlp import init_linear, linear
 from metapeft_dist.tree import Params
 
@@ -30,9 +30,9 @@ def im2col3x3(x: mx.array) -> mx.array:
 def conv3x3(params: Params, name: str, x: mx.array, lora_scale: float) -> mx.array:
     w = params[f"{name}.w"]  # (out, 3, 3, in), mlx.nn.Conv2d's layout
     kernel = w.reshape(w.shape[0], -1).T  # (9 in, out)
-    a = params.get(f"{name}.lora_a")
-    if a is not None:
-        kernel = kernel + lora_scale * (a @ params[f"{name}.lora_b"])
+    delta = lora_delta(params, name, lora_scale)
+    if delta is not None:
+        kernel = kernel + delta
     return im2col3x3(x) @ kernel + params[f"{name}.b"]
 
 

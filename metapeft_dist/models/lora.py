@@ -27,8 +27,26 @@ def init_lora(key: mx.array, fan_in: int, fan_out: int, rank: int) -> dict[str, 
     }
 
 
+def lora_linear(params: Params, layer: str, x: mx.array, scale: float, weight: str = "w",
+                bias: str = "b") -> mx.array:
+    """``x W^T + b + scale * (x A) B``, the adapter term only where ``layer`` has one.
+
+    ``weight`` / ``bias``: the layer's key suffixes (``w`` / ``b`` in the MLP and the
+    conv net's head, Hugging Face's ``weight`` / ``bias`` in the BERT encoder). The
+    adapter path stays low-rank, ``(x A) B``, never merged into W as :func:`lora_delta`
+    is: that is a different order of operations, so different bits.
+    """
+    y = x @ params[f"{layer}.{weight}"].T + params[f"{layer}.{bias}"]
+    a = params.get(f"{layer}.lora_a")
+    if a is not None:
+        y = y + scale * ((x @ a) @ params[f"{layer}.lora_b"])
+    return y
+
+
 def lora_delta(params: Params, layer: str, scale: float) -> mx.array | None:
-    """scale * A B as an (in, out) matrix, or None if ``layer`` has no adapter."""
+    """scale * A B as an (in, out) matrix, or None if ``layer`` has no adapter: the
+    update merged into a weight, for a layer that multiplies its input once by a
+    reshaped kernel (the conv net's im2col patches)."""
     a = params.get(f"{layer}.lora_a")
     if a is None:
         return None

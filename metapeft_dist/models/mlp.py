@@ -6,7 +6,7 @@ import math
 
 import mlx.core as mx
 
-from metapeft_dist.models.lora import init_lora
+from metapeft_dist.models.lora import init_lora, lora_linear
 from metapeft_dist.tree import Params
 
 
@@ -21,11 +21,8 @@ def init_linear(key: mx.array, name: str, fan_in: int, fan_out: int) -> Params:
 
 
 def linear(params: Params, name: str, x: mx.array, lora_scale: float) -> mx.array:
-    y = x @ params[f"{name}.w"].T + params[f"{name}.b"]
-    a = params.get(f"{name}.lora_a")
-    if a is not None:
-        y = y + lora_scale * ((x @ a) @ params[f"{name}.lora_b"])
-    return y
+    """The layer ``name`` (``.w``, ``.b``), with its LoRA adapter where it has one."""
+    return lora_linear(params, name, x, lora_scale)
 
 
 def init_mlp(key: mx.array, in_dim: int, hidden: tuple[int, ...], out_dim: int,

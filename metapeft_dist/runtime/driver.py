@@ -32,6 +32,7 @@ from ray.exceptions import (
     WorkerCrashedError)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from metapeft_dist.cost import SpendMeter
 from metapeft_dist.job import Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics, Throughput
 from metapeft_dist.runtime.param_server import ParameterServer
@@ -151,9 +152,10 @@ class RayWorker(Worker):
 class RayExecutor:
     def __init__(self, job: Job, address: str | None = None, resume_path: str | None = None,
                  start_iteration: int = 0, log: Callable[[str], None] = lambda m: None,
-                 metrics: JobMetrics | None = None):
+                 metrics: JobMetrics | None = None, spend: SpendMeter | None = None):
         self.job = job
         self.metrics = metrics if metrics is not None else NoMetrics()
+        self.spend = spend if spend is not None else SpendMeter({})
         self.spec = job.spec
         self.runtime = job.spec.runtime
         self.log = log
@@ -250,7 +252,7 @@ class RayExecutor:
                 n += 1
                 label = f"{identity['host']}-{n}"
             self.node_labels[node_id] = label
-            self.metrics.spend.add_node(label, [identity.get("ip", "")])
+            self.spend.add_node(label, [identity.get("ip", "")])
         return self.node_labels[node_id]
 
     def _worker_up(self, handle: Any, identity: dict[str, Any]) -> None:
@@ -259,7 +261,7 @@ class RayExecutor:
         node = self._node_label(identity)
         self.node_of[handle] = node
         if not self.live_on.get(node):
-            self.metrics.spend.reserve(node, self.created_at.pop(handle, None))
+            self.spend.reserve(node, self.created_at.pop(handle, None))
         self.live_on.setdefault(node, set()).add(handle)
         kind = identity.get("kind", "unknown")
         if kind not in self.kinds and self.kinds and self.runtime.mode == "sync":
@@ -268,8 +270,8 @@ class RayExecutor:
                      "results are bitwise reproducible on one kind only; across kinds they "
                      "agree to float32 rounding (README, Determinism)")
         self.kinds.setdefault(kind, 0)
-        self.metrics.spend.power_reading(node, identity.get("energy_joules"),
-                                         identity.get("time", time.time()))
+        self.spend.power_reading(node, identity.get("energy_joules"),
+                                 identity.get("time", time.time()))
 
     def _worker_down(self, handle: Any) -> None:
         """A worker stopped answering: its node is released when it was the last one."""
@@ -278,7 +280,7 @@ class RayExecutor:
             return
         self.live_on[node].discard(handle)
         if not self.live_on[node]:
-            self.metrics.spend.release(node)
+            self.spend.release(node)
 
     def _lost(self, handle: Any | None, err: BaseException, key: tuple[int, int, int]) -> None:
         """A chunk was lost with its worker (``handle``, to be pinged until it answers
@@ -372,7 +374,7 @@ class RayExecutor:
         self.metrics.chunk_done(node, tasks, self.spec.inner.steps, timings["compute_seconds"],
                                 timings["seconds"], round_trip, timings["bytes_in"],
                                 timings["bytes_out"], timings.get("tokens", 0))
-        self.metrics.spend.power_reading(node, timings.get("energy_joules"), timings["ended"])
+        self.spend.power_reading(node, timings.get("energy_joules"), timings["ended"])
         self.throughput.add(node, timings["ended"], tasks)
         self.counters["tasks_completed"] += tasks
         self.counters["completed"] += 1
@@ -522,7 +524,7 @@ class RayExecutor:
 
     def release(self) -> None:
         """Meta-training is over: the job holds no node any longer (for the cost)."""
-        self.metrics.spend.release_all()
+        self.spend.release_all()
 
     def close(self) -> None:
         self.release()

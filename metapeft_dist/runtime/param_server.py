@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from metapeft_dist.algorithms.outer import make_optimizer, outer_step
+from metapeft_dist.algorithms.outer import make_optimizer, meta_holder, outer_update
 from metapeft_dist.config import from_dict
 from metapeft_dist.runtime.checkpoint import load_checkpoint, save_checkpoint
 from metapeft_dist.wire import WireError, declared_spec, decode, encode
@@ -193,17 +193,9 @@ class ParameterServer:
 
     def _make_update(self):
         """outer_step as one compiled graph (run.compile) over the captured state."""
-        holder = {"meta": self.meta}
-        optimizer, clip_norm = self.optimizer, self.spec.outer.clip_norm
-
-        def update(grad):
-            holder["meta"], norm = outer_step(optimizer, holder["meta"], grad, clip_norm)
-            return norm
-
-        if self.spec.run.compile:
-            state = [holder, optimizer.state]
-            update = mx.compile(update, inputs=state, outputs=state)
-        return holder, update
+        holder = meta_holder(self.meta)
+        return holder, outer_update(self.optimizer, holder, self.spec.outer.clip_norm,
+                                    self.spec.run.compile)
 
     def _update(self, grad) -> float:
         holder, update = self._apply_update

@@ -1,5 +1,6 @@
-"""models/: LoRA starts equal to its base and equals the merged weight; the im2col conv
-equals mx.conv2d; the trainable partition is what the spec says."""
+"""models/: LoRA starts equal to its base and equals the merged weight; one LoRA layer
+serves the MLP and the encoder; the im2col conv equals mx.conv2d; the trainable partition
+is what the spec says."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metapeft_dist.models import Model, split_trainable, trainable_names
+from metapeft_dist.models import Model, bert, split_trainable, trainable_names
 from metapeft_dist.models.conv import conv_net, im2col3x3, init_conv, max_pool2
-from metapeft_dist.models.mlp import init_mlp, mlp
+from metapeft_dist.models.lora import lora_linear
+from metapeft_dist.models.mlp import init_mlp, linear, mlp
 
 
 def _randomize_b(params, key=1):
@@ -43,6 +45,19 @@ def test_mlp_lora_equals_merged_weight():
     x = mx.random.normal((4, 5), key=mx.random.key(2))
     np.testing.assert_allclose(np.array(mlp(params, x, 1, scale)), np.array(mlp(merged, x, 1, 0.0)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_one_lora_layer_serves_the_mlp_and_the_encoder():
+    params = _randomize_b(init_mlp(mx.random.key(0), 5, (8,), 3, lora_rank=2))
+    x = mx.random.normal((4, 5), key=mx.random.key(2))
+    w, b, a, b_ = (params[f"hidden0.{k}"] for k in ("w", "b", "lora_a", "lora_b"))
+    # in this order of operations, to the bit (the low-rank path, never merged)
+    expected = x @ w.T + b + 0.5 * ((x @ a) @ b_)
+    assert mx.array_equal(lora_linear(params, "hidden0", x, 0.5), expected)
+    assert mx.array_equal(linear(params, "hidden0", x, 0.5), expected)
+    hf = {"l.weight": w, "l.bias": b, "l.lora_a": a, "l.lora_b": b_}  # Hugging Face's names
+    assert mx.array_equal(bert._dense(hf, "l", x, 0.5), expected)
+    assert mx.array_equal(lora_linear({"l.w": w, "l.b": b}, "l", x, 0.5), x @ w.T + b)
 
 
 def test_im2col_conv_equals_mx_conv2d():

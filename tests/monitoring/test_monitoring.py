@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from metapeft_dist import dashboard, metrics
-from metapeft_dist.cost import cost_summary
+from metapeft_dist.cost import SpendMeter, cost_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
@@ -237,11 +237,12 @@ def test_metric_names_finds_exactly_the_metrics():
 def exported_series() -> dict[str, set[str]]:
     """Sample name -> label names, of everything a JobMetrics registry exposes once
     every recording call was made, and of what push_outcome pushes."""
-    m = metrics.JobMetrics("j", "maml")
+    spend = SpendMeter({})
+    m = metrics.JobMetrics("j", "maml", spend=spend)
     m.job_started("digits", "async", iterations=10, workers_desired=2, staleness=2,
                   budget_usd=1.0)
-    m.spend.add_node("mac-1")
-    m.spend.reserve("mac-1")
+    spend.add_node("mac-1")
+    spend.reserve("mac-1")
     m.workers(2)
     m.chunk_done("mac-1", tasks=4, inner_steps=3, compute_seconds=0.2, busy_seconds=0.25,
                  dispatch_seconds=0.3, bytes_to_workers=100, bytes_from_workers=100, tokens=7)

@@ -379,9 +379,11 @@ def test_a_worker_that_cannot_start_is_left_out_and_reported(cluster, tmp_path):
     """A fourth node lacks mlx-lm (its worker processes find a package of that name
     that fails to import first on their path): its worker cannot build the job, is
     not retried, and is reported (log, results, the answering and could-not-start
-    gauges); the other three do every task."""
+    gauges); the other three do every task, and only their nodes are held on the
+    job's cost meter."""
     from prometheus_client import CollectorRegistry
 
+    from metapeft_dist.cost import SpendMeter
     from metapeft_dist.job import build_job
     from metapeft_dist.metrics import JobMetrics
     from metapeft_dist.runtime.driver import RayExecutor
@@ -397,9 +399,11 @@ def test_a_worker_that_cannot_start_is_left_out_and_reported(cluster, tmp_path):
     metrics = JobMetrics("partial", "fomaml", registry=CollectorRegistry())
     metrics.job_started("jsonl", "sync", 2, 4, None, None)
     logged: list[str] = []
+    spend = SpendMeter({})
     executor = None
     try:
-        executor = RayExecutor(build_job(spec), log=logged.append, metrics=metrics)
+        executor = RayExecutor(build_job(spec), log=logged.append, metrics=metrics,
+                               spend=spend)
         losses = [executor.step(iteration)[0] for iteration in range(2)]
         stats = executor.stats()
     finally:
@@ -414,6 +418,10 @@ def test_a_worker_that_cannot_start_is_left_out_and_reported(cluster, tmp_path):
     value = metrics.registry.get_sample_value
     assert value("metapeft_workers_failed_to_start", {"job": "partial"}) == 1
     assert value("metapeft_workers", {"job": "partial"}) == 3
+    reserved = spend.reserved_seconds()
+    assert set(reserved) == set(stats["nodes"]) and len(reserved) == 3
+    assert all(seconds > 0 for seconds in reserved.values())
+    assert spend.reserved_seconds(now=time.time() + 3600) == reserved  # all released
 
 
 def _other_kernels() -> str | None:
