@@ -2,7 +2,10 @@
 steps-to-target.
 
 Every init (the meta-learned one and the baselines) is adapted on the *same* tasks,
-keyed (seed, split, stream, index), so differences between inits are paired.
+keyed (seed, split, stream, index), so differences between inits are paired. A
+prompted init (``Init.prompted``: a causal LM's ``in_context`` baseline) is not adapted
+but scored by in-context prompting with each task's support set
+(:func:`in_context_curves`), on the same tasks.
 :func:`evaluate_job` is a run's final evaluation (results.json's ``evaluation``), and
 ``metapeft eval``'s on other tasks.
 """
@@ -81,7 +84,8 @@ class Evaluator:
 
 
 def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, Any]:
-    """Meta-learned init vs baselines on meta-test tasks, for every shot setting."""
+    """Meta-learned init vs baselines on meta-test tasks, for every shot setting
+    (a prompted baseline's curve is flat: it takes no steps)."""
     spec, objective = job.spec, job.objective
     evaluator = Evaluator(job, spec.eval.steps)
     inits = [Init("meta", meta, job.frozen)] + [job.baseline(b) for b in spec.eval.baselines]
@@ -89,13 +93,19 @@ def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, An
     total = len(spec.eval.shots) * len(inits)
     done = 0
     t0 = time.perf_counter()
+
+    def prompted_curves(init, split, shots, tasks, stream, chunk, query):
+        return in_context_curves(job, init, split, shots, tasks, stream, chunk, query,
+                                 spec.eval.steps)
+
     for shots in spec.eval.shots:
         curves = {}
         for init in inits:
             # The stream is the shot count: each shot setting has its own tasks, and all
             # inits see the same ones.
-            curves[init.name] = evaluator.curves(init, "test", shots, spec.eval.tasks, shots,
-                                                 spec.eval.chunk, spec.eval.query)
+            score = prompted_curves if init.prompted else evaluator.curves
+            curves[init.name] = score(init, "test", shots, spec.eval.tasks, shots,
+                                      spec.eval.chunk, spec.eval.query)
             done += 1
             on_progress("evaluate", done, total, {"shots": shots, "init": init.name})
         by_shots[str(shots)] = summarize(curves, objective.higher_is_better, spec.eval.target)
@@ -110,6 +120,27 @@ def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, An
         "seconds": time.perf_counter() - t0,
         "shots": by_shots,
     }
+
+
+def in_context_curves(job: Job, init: Init, split: str, shots: int, tasks: int, stream: int,
+                      chunk: int, query: int | None = None, steps: int = 0) -> np.ndarray:
+    """The query metric of in-context prompting (models/in_context.py) with each task's
+    support set, under ``init``'s adapters (the in_context baseline's: B = 0, the base
+    LM), shape (tasks, steps + 1): nothing is adapted, so every step holds the same value
+    (a flat curve, which ``summarize``, results.json and the report read as any other;
+    its steps-to-target is 0 or never)."""
+    from metapeft_dist.models.in_context import InContext
+
+    scorer = InContext(job.model, init.frozen["inputs.ids"], init.frozen["inputs.mask"])
+    params = init.meta["params"]
+    out = []
+    for start in range(0, tasks, chunk):
+        indices = range(start, min(start + chunk, tasks))
+        sx, sy, qx, qy = job.episodes(split, stream, indices, shots, query).arrays()
+        for i in range(len(indices)):
+            logits = scorer.logits(params, sx[i], sy[i], qx[i])
+            out.append(float(job.objective.metric(logits, mx.array(qy[i]))))
+    return np.repeat(np.array(out, dtype=np.float32)[:, None], steps + 1, axis=1)
 
 
 def adaptation_step_seconds(job: Job, init: Init, split: str, shots: int, steps: int,

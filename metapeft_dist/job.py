@@ -55,6 +55,9 @@ class Init:
     name: str
     meta: Meta
     frozen: Params
+    # scored by in-context prompting with the support set instead of adapted on it
+    # (models/in_context.py): no steps, the same value at every step of its curve
+    prompted: bool = False
 
 
 @dataclass
@@ -110,7 +113,14 @@ class Job:
         """random: a fresh standard init of the trainable part, same frozen base.
         pretrained: the pretrained network with a fresh head, split like the job.
         head: the same fresh head as random, tuned alone; the rest frozen (adapters at
-        B = 0, so the base as it is)."""
+        B = 0, so the base as it is). in_context (causal_lm): random's adapters (B = 0,
+        so the base LM), not adapted but prompted with the support set."""
+        if name == "in_context":
+            if self.model.kind != "causal_lm":
+                raise ValueError(f"eval.baselines: in_context applies to kind causal_lm, "
+                                 f"not {self.model.kind}")
+            return dataclasses.replace(self.baseline("random"), name="in_context",
+                                       prompted=True)
         if name == "head":
             fresh = self.model.init(mx.random.key(self.spec.seed + 1))
             head = {k: v for k, v in fresh.items() if is_head(k)}

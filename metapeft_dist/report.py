@@ -16,8 +16,10 @@ from typing import Any, Callable
 
 PLOTS = ("training", "shots", "cost", "throughput")
 DPI = 120
-COLORS = {"meta": "tab:blue", "random": "tab:gray", "pretrained": "tab:orange"}
-INIT_LABELS = {"meta": "meta-learned", "random": "random", "pretrained": "pretrained"}
+COLORS = {"meta": "tab:blue", "random": "tab:gray", "pretrained": "tab:orange",
+          "in_context": "tab:green"}
+INIT_LABELS = {"meta": "meta-learned", "random": "random", "pretrained": "pretrained",
+               "in_context": "in-context prompting"}
 
 
 class ReportError(ValueError):

@@ -96,6 +96,11 @@ BAD = [
     (MINIMAL + "eval: {baselines: [random, random]}", "eval.baselines", "duplicates"),
     (MINIMAL + "eval: {baselines: [finetuned]}", "eval.baselines[0]", "must be one of"),
     (MINIMAL + "eval: {every: 0}", "eval.select", "best needs meta-validation"),
+    (MINIMAL + "eval: {baselines: [random, in_context]}", "eval.baselines",
+     "in_context (prompting with the support set) applies to kind causal_lm, not mlp"),
+    ("family: {name: wordnet, ways: 5}\nmodel: {kind: encoder, train: lora, lora: {}}\n"
+     "algorithm: {name: fomaml}\neval: {baselines: [in_context]}", "eval.baselines",
+     "applies to kind causal_lm, not encoder"),
     (MINIMAL.replace("{name: maml}", "{name: reptile, reptile: {serial: true}}"),
      "algorithm.reptile.serial", "use runtime.mode: local"),
     (MINIMAL + "runtime: {chunk: 30}", "runtime.chunk", "exceeds algorithm.meta_batch = 25"),

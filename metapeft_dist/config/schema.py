@@ -97,12 +97,13 @@ class LoraSpec:
         "adapter scale numerator: the update is (alpha / r) * B A", default=8.0
     )
     layers: int | None = documented(
-        "encoder: adapt the top N transformer layers (the frozen ones below are computed "
-        "once per corpus and cached); unset: all",
+        "encoder / causal_lm: adapt the top N transformer layers (the frozen ones below "
+        "are computed once per corpus and cached); unset: all",
         default=None,
     )
     targets: tuple[Literal["query", "key", "value", "output"], ...] = documented(
-        "encoder: the attention projections that get adapters", default=("query", "value")
+        "encoder / causal_lm: the attention projections that get adapters",
+        default=("query", "value"),
     )
 
     def __post_init__(self) -> None:
@@ -400,7 +401,7 @@ class OuterSpec:
             check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
 
 
-BASELINES = ("random", "pretrained", "head")
+BASELINES = ("random", "pretrained", "head", "in_context")
 
 
 @dataclass(frozen=True)
@@ -419,13 +420,18 @@ class EvalSpec:
         "stopping), or the last; 'best' needs every > 0",
         default="best",
     )
-    baselines: tuple[Literal["random", "pretrained", "head"], ...] | None = documented(
-        "inits to compare the meta-learned one against: random (a fresh standard init, "
-        "same frozen base; for LoRA: A random, B zero), pretrained (trained on all "
-        "meta-train data, then fine-tuned) and head (a fresh head tuned alone on the "
-        "frozen base); unset: random and pretrained, or random and head for the encoder",
-        default=None,
-    )
+    baselines: tuple[Literal["random", "pretrained", "head", "in_context"], ...] | None = (
+        documented(
+            "inits to compare the meta-learned one against: random (a fresh standard init, "
+            "same frozen base; for LoRA: A random, B zero; for causal_lm its step 0 is "
+            "zero-shot prompting), pretrained (trained on all meta-train data, then "
+            "fine-tuned), head (a fresh head tuned alone on the frozen base) and "
+            "in_context (causal_lm only: few-shot prompting of the base LM, the support "
+            "set's examples in the prompt before each query, no steps: its curve is flat); "
+            "unset: random and pretrained, random and head for the encoder, random for "
+            "causal_lm",
+            default=None,
+        ))
     target: float | None = documented(
         "steps-to-target threshold; unset: the random init's value after the last step",
         default=None,
@@ -672,6 +678,12 @@ class JobSpec:
                 "eval.baselines",
                 f"pretrained does not apply to the {kind} (its base is pretrained already)"
                 + ("; compare with head" if kind == "encoder" else ""),
+            )
+            check(
+                kind == "causal_lm" or "in_context" not in self.eval.baselines,
+                "eval.baselines",
+                f"in_context (prompting with the support set) applies to kind causal_lm, "
+                f"not {kind}",
             )
             check(
                 kind != "causal_lm" or "head" not in self.eval.baselines,

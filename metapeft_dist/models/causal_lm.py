@@ -119,6 +119,10 @@ class CausalLMModel:
         """The first adapted layer: the cached corpus states enter it."""
         return first_adapted(len(self.module().model.layers), self.num_layers)
 
+    def tokenizer(self):
+        """mlx-lm's tokenizer wrapper for this model (no weights loaded)."""
+        return _tokenizer(self.path)
+
     def verbalizer(self) -> mx.array:
         """Token ids of " A", " B", ... for labels 0..out_dim-1."""
         return mx.array(_verbalizer(self.path, self.out_dim), dtype=mx.int32)
