@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml scripts/setup.sh
 run: install
 	$(BIN)/metapeft run jobs/quickstart.yaml
 
+# Two test processes (the machines have two cores), each test file in one of them (its
+# module fixtures, a Ray cluster among them, built once).
 test: install
 	$(BIN)/ruff check metapeft_dist tests bench
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests
 
 bench: install
 	$(BIN)/python bench/run.py
