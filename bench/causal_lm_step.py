@@ -24,6 +24,7 @@ import mlx.core as mx
 from mlx.utils import tree_unflatten
 
 from metapeft_dist.models import causal_lm, lm_states
+from metapeft_dist.models.disk import save_atomic
 from metapeft_dist.models.causal_lm import CausalLMModel, next_token_logits
 
 KEYS = causal_lm.DEFAULT_KEYS
@@ -103,7 +104,7 @@ def build_cost(path: str, count: int) -> tuple[float, int, tuple[int, ...]]:
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "states.safetensors"
-        lm_states.write_states(file, {**prompts, "inputs.hidden": hidden})
+        save_atomic(file, {**prompts, "inputs.hidden": hidden})
         size = file.stat().st_size
     return seconds, size, tuple(hidden.shape)
 

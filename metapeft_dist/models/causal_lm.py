@@ -68,9 +68,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from metapeft_dist.models.disk import cache_dir, save_atomic
 from metapeft_dist.models.gguf import stderr_progress  # the conversion's progress lines
 from metapeft_dist.models.lm_states import (
-    cache_dir,
     check_layout,
     corpus_key,
     corpus_states,
@@ -80,7 +80,6 @@ from metapeft_dist.models.lm_states import (
     state_dtype,
     tied,
     upper_states,
-    write_states,
 )
 from metapeft_dist.tree import Params
 
@@ -347,7 +346,7 @@ def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int,
     """``inputs.ids``, ``inputs.mask`` and ``inputs.hidden`` (the states entering layer
     ``start``) for every corpus text: from the disk cache, else computed and cached."""
     prompts = _prompts(path, texts, max_len)
-    file = cache_dir() / f"{corpus_key(path, PROMPT, texts, max_len, start)}.safetensors"
+    file = cache_dir("causal_lm") / f"{corpus_key(path, PROMPT, texts, max_len, start)}.safetensors"
     hidden = read_states(file, prompts)
     if hidden is None:
         print(f"metapeft: running {len(texts)} prompts through the frozen layers below "
@@ -355,7 +354,7 @@ def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int,
               file=sys.stderr, flush=True)
         hidden = corpus_states(_load(path, *lora)[0], prompts["inputs.ids"],
                                prompts["inputs.mask"], start, progress=stderr_progress())
-        write_states(file, {**prompts, "inputs.hidden": hidden})
+        save_atomic(file, {**prompts, "inputs.hidden": hidden})
     return {**prompts, "inputs.hidden": hidden}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.models import bert
+from metapeft_dist.models.disk import cache_dir, save_atomic
 from metapeft_dist.tree import Params
 
 # The head reads unit-norm sentence embeddings, so a standard init gives logits of
@@ -125,10 +125,6 @@ def _top_layers(path: str, start: int) -> Params:
     return {k: v for k, v in params.items() if k.startswith(keep)}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("METAPEFT_CACHE", "~/.cache/metapeft")).expanduser() / "encoder"
-
-
 def corpus_key(path: str, texts: tuple[str, ...], max_len: int, start: int) -> str:
     """What the cached states depend on: the model's weights file, the texts, the token
     budget, the layer they enter and the code that computes them (STATES_VERSION)."""
@@ -147,7 +143,7 @@ def corpus_key(path: str, texts: tuple[str, ...], max_len: int, start: int) -> s
 def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int) -> Params:
     """``inputs.hidden`` (float16) and ``inputs.mask`` for every corpus text: from the
     disk cache, else computed (and cached)."""
-    file = cache_dir() / f"{corpus_key(path, texts, max_len, start)}.safetensors"
+    file = cache_dir("encoder") / f"{corpus_key(path, texts, max_len, start)}.safetensors"
     if file.is_file():
         try:
             cached = mx.load(str(file))
@@ -177,8 +173,5 @@ def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int) 
                                         stop_layer=start)
         hidden[rows, :cut] = np.array(states.astype(mx.float16))
     out = {"inputs.hidden": mx.array(hidden), "inputs.mask": mx.array(mask)}
-    file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_suffix(f".{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(partial), out)
-    os.replace(partial, file)
+    save_atomic(file, out)
     return out

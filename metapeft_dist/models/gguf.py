@@ -45,6 +45,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from metapeft_dist.models.disk import cache_dir
+
 Progress = Callable[[int, int], None]  # (done, total)
 
 DTYPES = ("q4", "float32", "float16", "bfloat16")
@@ -141,7 +143,8 @@ def resolve_model(path_or_name: str, dtype: str) -> Path:
     GGUF file or a name in :data:`KNOWN_MODELS` (converted to ``dtype`` once and cached).
 
     Converting takes seconds and each worker process resolves the model itself, so the
-    result is kept in :func:`cache_dir`, keyed by the file's path, size and mtime.
+    result is kept in ``$METAPEFT_CACHE/models``, keyed by the file's path, size and
+    mtime.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -157,7 +160,7 @@ def resolve_model(path_or_name: str, dtype: str) -> Path:
     else:
         raise FileNotFoundError(f"{path_or_name!r} is neither a model directory, a GGUF file "
                                 f"nor a known model ({', '.join(KNOWN_MODELS)})")
-    target = cache_dir() / cache_name(gguf, dtype)
+    target = cache_dir("models") / cache_name(gguf, dtype)
     if (target / "config.json").is_file():
         return target
     print(f"metapeft: converting {gguf.name} to {dtype} (once; cached in {target.parent})",
@@ -181,10 +184,6 @@ def known_gguf(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no {file} under {path.parent}; reinstall with: {hint}")
     return path
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("METAPEFT_CACHE", "~/.cache/metapeft")).expanduser() / "models"
 
 
 def cache_name(gguf_path: Path, dtype: str) -> str:

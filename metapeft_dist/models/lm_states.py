@@ -16,7 +16,6 @@ safetensors file per key, written atomically; a damaged or stale file reads as m
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,19 +157,6 @@ def read_states(file: Path, prompts: Params) -> mx.array | None:
     same = all(k in cached and cached[k].shape == v.shape and mx.array_equal(cached[k], v).item()
                for k, v in prompts.items())
     return hidden if same and hidden.shape[:2] == prompts["inputs.ids"].shape else None
-
-
-def write_states(file: Path, arrays: Params) -> None:
-    """Write atomically: a file under its final name is complete, whoever reads it."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_suffix(f".{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(partial), arrays)
-    os.replace(partial, file)
-
-
-def cache_dir() -> Path:
-    return (Path(os.environ.get("METAPEFT_CACHE", "~/.cache/metapeft")).expanduser()
-            / "causal_lm")
 
 
 def corpus_key(path: str, prompt: str, texts: tuple[str, ...], max_len: int,
