@@ -247,15 +247,25 @@ def served_grid(top: int = 1_000_000) -> list[int]:
 
 def cost_summary(spend_usd: float, step_seconds: float, rate_usd_per_hour: float,
                  steps_meta: int | None, steps_standard: int | None, target: float,
-                 shots: int) -> dict[str, Any]:
+                 shots: int, standard_step_seconds: float | None = None,
+                 standard_budget: int | None = None,
+                 standard_how: str | None = None) -> dict[str, Any]:
     """The cost figures of a finished job, from measurements only.
 
     ``steps_*``: steps-to-target of the meta-learned and the standard init on held-out
     tasks (``shots`` per class), ``step_seconds`` the measured seconds per adaptation
-    step, ``rate_usd_per_hour`` the rate of the node that adapts.
+    step of the meta-learned init (``standard_step_seconds`` the standard init's, when
+    it is fine-tuned otherwise), ``rate_usd_per_hour`` the rate of the node that adapts.
+    ``standard_budget``: the steps the standard init was fine-tuned for when it did not
+    reach the target (``steps_standard`` None): those steps are charged, so its cost, the
+    saving, the break-even and the RQ3 ratio are bounds (``standard.reached`` False)
+    rather than "never"; ``standard_how`` says how it was fine-tuned.
     """
     meta = task_cost_usd(steps_meta, step_seconds, rate_usd_per_hour)
-    standard = task_cost_usd(steps_standard, step_seconds, rate_usd_per_hour)
+    standard_seconds = step_seconds if standard_step_seconds is None else standard_step_seconds
+    reached = steps_standard is not None
+    charged = steps_standard if reached else standard_budget
+    standard = task_cost_usd(charged, standard_seconds, rate_usd_per_hour)
     break_even = break_even_tasks(spend_usd, meta, standard)
     curve = []
     if meta is not None:
@@ -274,10 +284,16 @@ def cost_summary(spend_usd: float, step_seconds: float, rate_usd_per_hour: float
         "shots": shots,
         "per_task": {
             "meta": {"steps_to_target": steps_meta, "usd": meta},
-            "standard": {"steps_to_target": steps_standard, "usd": standard},
+            "standard": {"steps_to_target": steps_standard, "usd": standard,
+                         "reached": reached, "steps_charged": charged,
+                         "step_seconds": standard_seconds, "how": standard_how},
         },
+        # not reached: the standard init's true cost is at least what was charged, so
+        # the break-even is at most, and the ratio at least, these values
+        "bounds": not reached and charged is not None,
         "break_even_tasks": break_even,
         "amortized": curve,
         "rq3": {"tasks": RQ3_TASKS, "goal_ratio": RQ3_RATIO, "ratio": ratio,
+                "lower_bound": not reached and charged is not None,
                 "met": bool(ratio is not None and math.isfinite(ratio) and ratio >= RQ3_RATIO)},
     }

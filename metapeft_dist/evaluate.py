@@ -1,5 +1,6 @@
 """Few-shot evaluation: adaptation curves on held-out tasks, confidence intervals and
-steps-to-target.
+steps-to-target, and the standard init fine-tuned to the target (what a task costs
+without meta-learning).
 
 Every init (the meta-learned one and the baselines) is adapted on the *same* tasks,
 keyed (seed, split, stream, index), so differences between inits are paired. A
@@ -20,7 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.algorithms.base import map_tasks
+from metapeft_dist.config.schema import MLX_LM_LR, MLX_LM_SCALE, JobSpec
 from metapeft_dist.job import Init, Job, TaskLoss, to_mx
+from metapeft_dist.tree import Params
 
 Z95 = 1.959963984540054
 
@@ -83,14 +86,31 @@ class Evaluator:
                                      sx, sy, qx, qy))
 
 
+def cost_shots(spec: JobSpec) -> int:
+    """The shot count the cost figures are measured at: the job's own (family.shots) if
+    it is evaluated, else the smallest evaluated."""
+    return spec.family.shots if spec.family.shots in spec.eval.shots else min(spec.eval.shots)
+
+
+def target_step(spec: JobSpec) -> int:
+    """The step whose meta-learned mean is the default target: its inner steps, as
+    meta-trained (at most the evaluation's steps)."""
+    return min(spec.inner.steps, spec.eval.steps)
+
+
 def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, Any]:
     """Meta-learned init vs baselines on meta-test tasks, for every shot setting
-    (a prompted baseline's curve is flat: it takes no steps)."""
+    (a prompted baseline's curve is flat: it takes no steps). With a standard init
+    (the random baseline) and ``eval.finetune.steps`` > 0, the standard init is also
+    fine-tuned to the target at the cost shot count (:class:`Finetune`): results'
+    ``finetune``."""
     spec, objective = job.spec, job.objective
     evaluator = Evaluator(job, spec.eval.steps)
     inits = [Init("meta", meta, job.frozen)] + [job.baseline(b) for b in spec.eval.baselines]
     by_shots: dict[str, Any] = {}
-    total = len(spec.eval.shots) * len(inits)
+    standard = next((i for i in inits if i.name == "random"), None)
+    finetune = standard is not None and spec.eval.finetune.steps > 0
+    total = len(spec.eval.shots) * len(inits) + finetune
     done = 0
     t0 = time.perf_counter()
 
@@ -108,8 +128,9 @@ def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, An
                                       spec.eval.chunk, spec.eval.query)
             done += 1
             on_progress("evaluate", done, total, {"shots": shots, "init": init.name})
-        by_shots[str(shots)] = summarize(curves, objective.higher_is_better, spec.eval.target)
-    return {
+        by_shots[str(shots)] = summarize(curves, objective.higher_is_better, spec.eval.target,
+                                         target_step(spec))
+    out = {
         "metric": objective.metric_name,
         "higher_is_better": objective.higher_is_better,
         "split": "test",
@@ -117,9 +138,167 @@ def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, An
         "query": spec.eval.query or spec.family.query,
         "steps": spec.eval.steps,
         "inner_steps": spec.inner.steps,
-        "seconds": time.perf_counter() - t0,
+        "target_step": None if spec.eval.target is not None else target_step(spec),
         "shots": by_shots,
     }
+    if finetune and standard is not None:
+        shots = cost_shots(spec)
+        target = by_shots[str(shots)]["target"]
+
+        def progress(step: int, budget: int, mean: float) -> None:
+            if step % FINETUNE_EVERY == 0:
+                on_progress("evaluate", done, total, {
+                    "shots": shots, "init": standard.name,
+                    "detail": f"Adam fine-tune to the target {target:.4g}: step {step} of "
+                              f"at most {budget}, {objective.metric_name} {mean:.4g}"})
+
+        out["finetune"] = Finetune(job).run(standard, shots, target, progress)
+        reached = out["finetune"]["steps_to_target"]
+        on_progress("evaluate", total, total, {
+            "shots": shots, "init": standard.name,
+            "detail": "Adam fine-tune: " + (f"target reached at step {reached}"
+                                            if reached is not None else
+                                            f"target not reached in {spec.eval.finetune.steps}"
+                                            " steps")})
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# mlx.optimizers.Adam as mlx-lm's LoRA training builds it (``optim.Adam(lr)``): betas
+# (0.9, 0.999), eps 1e-8, no bias correction
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+# The fine-tuned standard init is scored after every step up to eval.steps (as the
+# evaluation curves are), then every FINETUNE_EVERY steps: its steps-to-target beyond
+# eval.steps is known to within FINETUNE_EVERY steps (rounded up: the cost is not
+# understated).
+FINETUNE_EVERY = 10
+
+
+def finetune_lr(spec: JobSpec) -> float:
+    """eval.finetune.lr, or the default it documents: mlx-lm's LoRA learning rate at
+    this job's adapter scale, Adam's usual 1e-3 for a model trained whole."""
+    if spec.eval.finetune.lr is not None:
+        return spec.eval.finetune.lr
+    lora = spec.model.lora
+    if spec.model.train == "lora" and lora is not None:
+        return MLX_LM_LR * MLX_LM_SCALE / (lora.alpha / lora.rank)
+    return 1e-3
+
+
+def finetune_points(budget: int, dense: int) -> list[int]:
+    """The steps at which the fine-tuned standard init is scored: 0 .. ``dense``, then
+    every FINETUNE_EVERY steps, and the budget."""
+    points = list(range(min(budget, dense) + 1))
+    points += range((dense // FINETUNE_EVERY + 1) * FINETUNE_EVERY, budget, FINETUNE_EVERY)
+    return sorted({*points, budget})
+
+
+class Finetune:
+    """The standard init fine-tuned as a user without meta-learning would with mlx-lm:
+    full-batch steps of mlx.optimizers.Adam (mlx-lm's optimizer, its default learning
+    rate for LoRA at this adapter scale, :func:`finetune_lr`) on each task's support
+    set, from step 0 until the mean query metric over ``eval.finetune.tasks`` held-out
+    tasks reaches the target, or for the whole budget (``eval.finetune.steps``). The
+    tasks are the evaluation's first ones at that shot count, so the fine-tune is
+    paired with the evaluation curves."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self._compiled: dict[tuple[int, bool], Callable] = {}
+
+    def _segment(self, steps: int, batched: bool) -> Callable:
+        """(shared, params, m, v, sx, sy, qx, qy) -> (params, m, v, query metric) after
+        ``steps`` Adam steps (mlx.optimizers.Adam's update, the moments carried over
+        from the segment before); ``batched``: over a leading task axis."""
+        key = (steps, batched)
+        if key in self._compiled:
+            return self._compiled[key]
+        model, objective, spec = self.job.model, self.job.objective, self.job.spec
+        b1, b2 = ADAM_BETAS
+
+        def segment(shared, params, m, v, sx, sy, qx, qy):
+            frozen, lr = shared["frozen"], shared["lr"]
+            grad_fn = mx.grad(TaskLoss(model, frozen, objective.loss))
+            for _ in range(steps):
+                g = grad_fn(params, sx, sy)
+                m = {n: b1 * m[n] + (1 - b1) * g[n] for n in g}
+                v = {n: b2 * v[n] + (1 - b2) * mx.square(g[n]) for n in g}
+                params = {n: p - lr * m[n] / (mx.sqrt(v[n]) + ADAM_EPS)
+                          for n, p in params.items()}
+            return params, m, v, objective.metric(model({**frozen, **params}, qx), qy)
+
+        def segments(shared, *batch):
+            return map_tasks(segment, shared, batch, spec.run.batching == "vmap")
+
+        fn = segments if batched else segment
+        self._compiled[key] = mx.compile(fn) if spec.run.compile else fn
+        return self._compiled[key]
+
+    def run(self, init: Init, shots: int, target: float | None,
+            on_step: Callable[[int, int, float], None] = lambda step, budget, mean: None,
+            ) -> dict[str, Any]:
+        """Fine-tune ``init`` on the tasks at ``shots``; the mean query metric at each
+        scored step, and the first scored step that reaches ``target`` (None: not
+        reached within the budget)."""
+        job, spec = self.job, self.job.spec
+        ft, higher = spec.eval.finetune, job.objective.higher_is_better
+        lr = finetune_lr(spec)
+        shared = {"frozen": init.frozen, "lr": mx.array(lr, dtype=mx.float32)}
+        t0 = time.perf_counter()
+        chunks = []
+        for start in range(0, ft.tasks, spec.eval.chunk):
+            indices = range(start, min(start + spec.eval.chunk, ft.tasks))
+            task = to_mx(job.episodes("test", shots, indices, shots, spec.eval.query))
+            params = {n: mx.broadcast_to(p, (len(indices), *p.shape))
+                      for n, p in init.meta["params"].items()}
+            zeros = {n: mx.zeros_like(p) for n, p in params.items()}
+            chunks.append([params, zeros, zeros, task])
+        steps: list[int] = []
+        means: list[float] = []
+        reached = None
+        done = 0
+        for point in finetune_points(ft.steps, spec.eval.steps):
+            fn = self._segment(point - done, batched=True)
+            values = []
+            for chunk in chunks:
+                params, m, v, metric = fn(shared, *chunk[:3], *chunk[3])
+                mx.eval(params, m, v, metric)
+                chunk[:3] = params, m, v
+                values.append(np.array(metric))
+            done = point
+            mean = float(np.concatenate(values).mean())
+            steps.append(point)
+            means.append(mean)
+            on_step(point, ft.steps, mean)
+            if target is not None and (mean >= target if higher else mean <= target):
+                reached = point
+                break
+        return {"init": init.name, "optimizer": "adam", "lr": lr, "betas": list(ADAM_BETAS),
+                "budget": ft.steps, "tasks": ft.tasks, "shots": shots, "target": target,
+                "steps": steps, "mean": means, "steps_to_target": reached,
+                "resolution": FINETUNE_EVERY, "seconds": time.perf_counter() - t0}
+
+    def step_seconds(self, init: Init, shots: int, steps: int = 10, tasks: int = 5) -> float:
+        """Measured seconds per fine-tuning step of ONE task (not a vmapped batch): the
+        median over ``tasks`` tasks of (time of ``steps`` steps and one scoring) /
+        ``steps``, after the compiled graph is warm."""
+        spec = self.job.spec
+        sx, sy, qx, qy = to_mx(self.job.episodes("test", shots, range(tasks), shots,
+                                                 spec.eval.query))
+        shared = {"frozen": init.frozen, "lr": mx.array(finetune_lr(spec), dtype=mx.float32)}
+        params: Params = init.meta["params"]
+        zeros = {n: mx.zeros_like(p) for n, p in params.items()}
+        fn = self._segment(steps, batched=False)
+        times = []
+        for i in range(-1, tasks):  # -1: the warm-up (compile)
+            task = (sx[max(i, 0)], sy[max(i, 0)], qx[max(i, 0)], qy[max(i, 0)])
+            mx.eval(*task)
+            start = time.perf_counter()
+            mx.eval(fn(shared, params, zeros, zeros, *task))
+            if i >= 0:
+                times.append(time.perf_counter() - start)
+        return float(np.median(times)) / steps
 
 
 def in_context_curves(job: Job, init: Init, split: str, shots: int, tasks: int, stream: int,
@@ -185,11 +364,13 @@ def steps_to_target(curve: np.ndarray, target: float, higher_is_better: bool) ->
 
 
 def summarize(curves: dict[str, np.ndarray], higher_is_better: bool,
-              target: float | None) -> dict[str, Any]:
+              target: float | None, target_step: int = -1) -> dict[str, Any]:
     """Per init: mean and 95% CI at every step, steps-to-target on the mean curve and
-    per task; per baseline: the paired gain of the meta-learned init over it."""
-    if target is None and "random" in curves:
-        target = float(mean_ci95(curves["random"])[0][-1])
+    per task; per baseline: the paired gain of the meta-learned init over it. ``target``
+    unset: the meta-learned init's mean after ``target_step`` steps (what it reaches
+    after its inner steps)."""
+    if target is None and "meta" in curves:
+        target = float(mean_ci95(curves["meta"])[0][target_step])
     out: dict[str, Any] = {"target": target, "inits": {}, "gain_over": {}}
     for name, values in curves.items():
         mean, ci = mean_ci95(values)

@@ -234,8 +234,11 @@ def ratio_text(rq3: dict[str, Any]) -> str:
     ratio, tasks, goal = rq3.get("ratio"), rq3.get("tasks", 50), rq3.get("goal_ratio", 5.0)
     if ratio is None:
         return f"at {tasks} tasks: no ratio (the standard init never reaches the target)"
+    if ratio <= 0:
+        return f"at {tasks} tasks: no ratio (the standard init costs nothing: 0 steps)"
+    bound = "at least " if rq3.get("lower_bound") else ""
     if ratio >= 1:
-        compared = f"{ratio:.3g}x cheaper than the standard init"
+        compared = f"{bound}{ratio:.3g}x cheaper than the standard init"
     else:
         compared = f"{1 / ratio:.3g}x the standard init's cost"
     verdict = "met" if rq3.get("met") else "not met"
@@ -267,9 +270,11 @@ def plot_cost(results: dict[str, Any], path: Path) -> None:
     rq3 = cost.get("rq3") or {}
     goal = rq3.get("goal_ratio", 5.0)
     if standard["usd"] is not None and standard["usd"] > 0:
+        steps_text = (f"{_steps(standard['steps_to_target'])} to target"
+                      if standard.get("reached", True) else
+                      f"not reached in {_steps(standard['steps_charged'])}: at least")
         ax.axhline(standard["usd"], color=COLORS["random"], lw=1.6,
-                   label=f"standard init, per task: {usd(standard['usd'])} "
-                         f"({_steps(standard['steps_to_target'])} to target)")
+                   label=f"standard init, per task: {usd(standard['usd'])} ({steps_text})")
         ax.axhline(standard["usd"] / goal, color="tab:green", ls="--", lw=1,
                    label=f"RQ3 goal: {goal:g}x below the standard init")
     point = break_even_point(cost)

@@ -41,8 +41,14 @@ def format_table(results: dict[str, Any]) -> str:
         target = summary.get("target")
         if target is not None:
             shown = f"{100 * target:.1f}%" if percent else f"{target:.3f}"
-            lines.append(f"{'':>5}  target: {shown} (random init after {ev['steps']} steps"
-                         " unless eval.target is set)")
+            step = ev.get("target_step")
+            whose = ("eval.target" if step is None and "target_step" in ev else
+                     f"the meta-learned init after {step} steps" if step is not None else
+                     f"random init after {ev['steps']} steps unless eval.target is set")
+            lines.append(f"{'':>5}  target: {shown} ({whose})")
+    finetune = ev.get("finetune")
+    if finetune:
+        lines.append(finetune_line(finetune, percent))
     mt = results["meta_training"]
     if mt.get("iterations_per_second"):
         lines.append(f"meta-training: {mt['iterations']} iterations in {mt['seconds']:.1f} s "
@@ -60,6 +66,17 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def finetune_line(finetune: dict[str, Any], percent: bool) -> str:
+    """The standard init fine-tuned to the target, in one line."""
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    last = f"{scale * finetune['mean'][-1]:.1f}{unit}" if percent else f"{finetune['mean'][-1]:.3f}"
+    reached = finetune["steps_to_target"]
+    outcome = (f"reaches it at step {reached}" if reached is not None else
+               f"not reached in {finetune['budget']} steps ({last} at the end)")
+    return (f"standard init fine-tuned ({finetune['shots']}-shot, Adam lr {finetune['lr']:.3g}, "
+            f"{finetune['tasks']} tasks): {outcome}")
+
+
 def cost_line(cost: dict[str, Any]) -> str:
     """Meta-training spend, per-task costs, break-even and the RQ3 ratio, in one line."""
     meta, standard = cost["per_task"]["meta"], cost["per_task"]["standard"]
@@ -67,16 +84,24 @@ def cost_line(cost: dict[str, Any]) -> str:
     def task(entry: dict[str, Any]) -> str:
         if entry["usd"] is None:
             return "never reaches the target"
+        if entry.get("reached") is False:
+            return (f"at least {entry['usd']:.3g} USD (not reached in "
+                    f"{entry['steps_charged']} steps)")
         return f"{entry['usd']:.3g} USD ({entry['steps_to_target']} steps)"
 
+    # the standard init not reaching the target: its cost is a lower bound, so the
+    # break-even is an upper and the ratio a lower one
+    bound = bool(cost.get("bounds"))
     even = cost["break_even_tasks"]
     rq3 = cost["rq3"]
     r = rq3["ratio"]
     ratio = ("not computable" if r is None or r <= 0 else
-             f"{r:.3g}x cheaper" if r >= 1 else f"{1 / r:.3g}x dearer")
+             f"{'at least ' if bound else ''}{r:.3g}x cheaper" if r >= 1 else
+             f"{1 / r:.3g}x dearer")
+    even_text = (f"{'at most ' if bound else ''}{even:,.0f} tasks" if even is not None
+                 else "never")
     return (f"cost: meta-training {cost['spend_usd']:.3g} USD; a {cost['shots']}-shot task "
             f"{task(meta)} from the meta-learned init vs {task(standard)} from a standard "
-            f"init; break-even after "
-            f"{f'{even:,.0f} tasks' if even is not None else 'never'}; at "
+            f"init; break-even after {even_text}; at "
             f"{rq3['tasks']} tasks {ratio} per task than a standard init (RQ3 goal "
             f"{rq3['goal_ratio']:g}x: {'met' if rq3['met'] else 'not met'})")

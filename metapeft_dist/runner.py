@@ -252,24 +252,37 @@ def job_outcome(status: str, started: float, totals: dict[str, Any],
 def job_cost(job: Job, selected: Meta, evaluation: dict[str, Any],
              spend: SpendMeter) -> dict[str, Any]:
     """The cost figures of the finished job (cost.cost_summary) from measurements: the
-    meta-training spend, steps-to-target of the meta-learned and the standard (random)
-    init at the job's own shot count, and seconds per adaptation step of one task timed
-    here, at this node's rate."""
+    meta-training spend, steps-to-target of the meta-learned init and of the standard
+    one at the job's own shot count (the standard init fine-tuned with Adam to the
+    target, evaluate.Finetune, else its evaluation curve), and seconds per adaptation
+    step of one task from each, timed here, at this node's rate."""
     import platform
 
-    from metapeft_dist.evaluate import adaptation_step_seconds
+    from metapeft_dist.evaluate import Finetune, adaptation_step_seconds, cost_shots
 
     spec = job.spec
-    shots = spec.family.shots if spec.family.shots in spec.eval.shots else min(spec.eval.shots)
+    shots = cost_shots(spec)
     summary = evaluation["shots"][str(shots)]
     inits = summary["inits"]
+    tasks = min(20, spec.eval.tasks)  # a median of at most 20 tasks, and no more tasks
+    # than the evaluation itself adapts
     step_seconds = adaptation_step_seconds(job, Init("meta", selected, job.frozen), "test",
-                                           shots, spec.eval.steps,
-                                           tasks=min(20, spec.eval.tasks))  # a median of
-    # at most 20 tasks, and no more tasks than the evaluation itself adapts
+                                           shots, spec.eval.steps, tasks=tasks)
+    finetune = evaluation.get("finetune")
+    extra: dict[str, Any] = {}
+    if finetune is not None:
+        standard = job.baseline(finetune["init"])
+        extra = {"standard_step_seconds": Finetune(job).step_seconds(
+                     standard, shots, tasks=min(5, finetune["tasks"])),
+                 "standard_budget": finetune["budget"],
+                 "standard_how": f"Adam at lr {finetune['lr']:.3g} on the support set, "
+                                 f"up to {finetune['budget']} steps"}
+        steps_standard = finetune["steps_to_target"]
+    else:
+        steps_standard = inits.get("random", {}).get("steps_to_target")
     cost = cost_summary(spend.spend_usd(), step_seconds, spend.rate_usd_per_hour(platform.node()),
-                        inits["meta"].get("steps_to_target"),
-                        inits.get("random", {}).get("steps_to_target"), summary["target"], shots)
+                        inits["meta"].get("steps_to_target"), steps_standard,
+                        summary["target"], shots, **extra)
     cost["standard_init"] = "random" if "random" in inits else None
     details = spend.summary()
     cost["nodes"] = details["nodes"]

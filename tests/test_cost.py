@@ -99,6 +99,29 @@ def test_cost_summary_computes_rq3_from_the_measurements():
     assert never["rq3"]["ratio"] is None and not never["rq3"]["met"]
 
 
+def test_a_standard_init_short_of_the_target_is_charged_its_budget_as_a_bound():
+    from metapeft_dist.results import cost_line
+
+    # 1 usd/s; the meta-learned init 2 steps of 0.01 s; the standard init fine-tuned with
+    # its own 0.02 s steps, 200 of them without reaching the target: at least 4 usd
+    summary = cost.cost_summary(0.9, 0.01, 3600.0, 2, None, 0.7, 5,
+                                standard_step_seconds=0.02, standard_budget=200,
+                                standard_how="Adam")
+    standard = summary["per_task"]["standard"]
+    assert standard == {"steps_to_target": None, "usd": pytest.approx(4.0), "reached": False,
+                        "steps_charged": 200, "step_seconds": 0.02, "how": "Adam"}
+    assert summary["bounds"] and summary["rq3"]["lower_bound"]
+    assert summary["break_even_tasks"] == pytest.approx(0.9 / (4.0 - 0.02))
+    assert summary["rq3"]["ratio"] == pytest.approx(4.0 / (0.9 / 50 + 0.02))
+    line = cost_line(summary)
+    assert "at least 4 USD (not reached in 200 steps) from a standard init" in line
+    assert "break-even after at most 0 tasks" in line and "at least 105x cheaper" in line
+    reached = cost.cost_summary(0.9, 0.01, 3600.0, 2, 50, 0.7, 5,
+                                standard_step_seconds=0.02, standard_budget=200)
+    assert reached["per_task"]["standard"]["usd"] == pytest.approx(1.0)
+    assert not reached["bounds"] and not reached["rq3"]["lower_bound"]
+
+
 def test_served_grid_includes_the_rq3_point():
     grid = cost.served_grid(1000)
     assert grid[:6] == [1, 2, 5, 10, 20, 50] and grid[-1] == 1000

@@ -27,16 +27,22 @@ def test_steps_to_target_both_directions():
     assert steps_to_target(np.array([0.9]), 0.5, True) == 0
 
 
-def test_summarize_defaults_target_to_random_final_and_pairs_gains():
+def test_summarize_defaults_target_to_the_meta_inits_inner_steps_and_pairs_gains():
     meta = np.array([[0.2, 0.8, 0.9], [0.2, 0.6, 0.7]])
-    random = np.array([[0.2, 0.4, 0.6], [0.2, 0.3, 0.6]])
-    out = summarize({"meta": meta, "random": random}, higher_is_better=True, target=None)
-    assert out["target"] == pytest.approx(0.6)
+    random = np.array([[0.2, 0.4, 0.6], [0.2, 0.3, 0.7]])
+    # the target: the meta-learned init's mean after its 1 inner step
+    out = summarize({"meta": meta, "random": random}, higher_is_better=True, target=None,
+                    target_step=1)
+    assert out["target"] == pytest.approx(0.7)
     assert out["inits"]["meta"]["steps_to_target"] == 1
-    assert out["inits"]["random"]["steps_to_target"] == 2
+    assert out["inits"]["random"]["steps_to_target"] is None  # 0.65 after 2 steps
     assert out["inits"]["meta"]["tasks_reaching_target"] == 1.0
-    assert out["inits"]["meta"]["median_task_steps_to_target"] == 1.0
-    np.testing.assert_allclose(out["gain_over"]["random"]["mean"], [0.0, 0.35, 0.2])
+    assert out["inits"]["meta"]["median_task_steps_to_target"] == 1.5
+    assert out["inits"]["random"]["tasks_reaching_target"] == 0.5
+    assert out["inits"]["random"]["median_task_steps_to_target"] is None  # half reach it
+    out = summarize({"meta": meta, "random": random}, higher_is_better=True, target=0.6)
+    assert out["inits"]["random"]["steps_to_target"] == 2
+    np.testing.assert_allclose(out["gain_over"]["random"]["mean"], [0.0, 0.35, 0.15])
     # Lower is better (MSE): the gain is random - meta.
     out = summarize({"meta": np.array([[1.0, 0.5]] * 2), "random": np.array([[1.0, 0.9]] * 2)},
                     higher_is_better=False, target=None)
@@ -99,3 +105,115 @@ metrics: {{enabled: false}}
     assert [s for s, _, _ in shot_series(saved["evaluation"], 2)["in_context"]] == [1, 2]
     report = write_report(tmp_path / "run")
     assert str(tmp_path / "run" / "report" / "shots.png") in report["written"]
+
+
+def test_finetune_points_are_dense_then_every_ten_steps():
+    from metapeft_dist.evaluate import finetune_points
+
+    assert finetune_points(200, 10) == [*range(11), *range(20, 201, 10)]
+    assert finetune_points(25, 3) == [0, 1, 2, 3, 10, 20, 25]
+    assert finetune_points(5, 10) == [0, 1, 2, 3, 4, 5]
+
+
+def test_finetune_lr_is_mlx_lms_default_step_at_the_adapter_scale():
+    from conftest import TINY_SPEC
+
+    from metapeft_dist.config import parse_spec
+    from metapeft_dist.evaluate import finetune_lr
+
+    def lora(rank, alpha):
+        return parse_spec(TINY_SPEC.replace(
+            "model: {hidden: [16, 16]}",
+            f"model: {{hidden: [8], train: lora, lora: {{rank: {rank}, alpha: {alpha}}}}}"))
+
+    # mlx-lm: 1e-5 at scale 20; here scale alpha / rank
+    assert finetune_lr(lora(8, 16)) == pytest.approx(1e-4)
+    assert finetune_lr(lora(4, 80)) == pytest.approx(1e-5)
+    assert finetune_lr(parse_spec(TINY_SPEC)) == 1e-3  # the whole MLP trained
+    assert finetune_lr(parse_spec(TINY_SPEC.replace(
+        "baselines: [random]", "baselines: [random], finetune: {lr: 0.02}"))) == 0.02
+
+
+@pytest.fixture(scope="module")
+def tiny_job():
+    from conftest import TINY_SPEC
+
+    from metapeft_dist.config import parse_spec
+    from metapeft_dist.job import build_job
+
+    spec = parse_spec(TINY_SPEC.replace("baselines: [random]",
+                                        "baselines: [random], finetune: {steps: 12, tasks: 6}"))
+    return build_job(spec)
+
+
+def reference_finetune(job, init, shots, points):
+    """The standard init trained task by task with mlx.optimizers.Adam (mlx-lm's
+    optimizer) at the default lr; the mean query metric at each of ``points``."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from metapeft_dist.evaluate import finetune_lr
+    from metapeft_dist.job import to_mx
+
+    ft = job.spec.eval.finetune
+    sx, sy, qx, qy = to_mx(job.episodes("test", shots, range(ft.tasks), shots))
+    loss_fn = job.loss_fn(init.frozen)
+    scores = np.zeros((ft.tasks, len(points)))
+    for t in range(ft.tasks):
+        params, opt, done = init.meta["params"], optim.Adam(finetune_lr(job.spec)), 0
+        for j, point in enumerate(points):
+            for _ in range(point - done):
+                params = opt.apply_gradients(mx.grad(loss_fn)(params, sx[t], sy[t]), params)
+            done = point
+            out = job.model({**init.frozen, **params}, qx[t])
+            scores[t, j] = job.objective.metric(out, qy[t]).item()
+    return scores.mean(axis=0)
+
+
+def test_finetune_is_mlx_adam_on_each_task_and_stops_at_the_target(tiny_job):
+    from metapeft_dist.evaluate import Finetune
+
+    init = tiny_job.baseline("random")
+    whole = Finetune(tiny_job).run(init, 5, target=None)
+    points = [0, 1, 2, 3, 10, 12]  # every step to eval.steps (3), then every 10
+    assert whole["steps"] == points and whole["steps_to_target"] is None
+    # vmapped over tasks against one task at a time: no equal bits promised
+    expected = reference_finetune(tiny_job, init, 5, points)
+    np.testing.assert_allclose(whole["mean"], expected, rtol=1e-4)
+    assert expected[-1] < expected[0]  # MSE falls: the steps did something
+    # lower is better (MSE): the first scored step at or below the target
+    target = float(expected[4])
+    first = next(p for p, m in zip(points, whole["mean"], strict=True) if m <= target)
+    stopped = Finetune(tiny_job).run(init, 5, target=target)
+    assert stopped["steps_to_target"] == first == stopped["steps"][-1]
+    assert stopped["mean"] == whole["mean"][:len(stopped["mean"])]
+    assert stopped["lr"] == 1e-3 and stopped["budget"] == 12 and stopped["tasks"] == 6
+
+
+def test_the_job_evaluation_fine_tunes_the_standard_init_and_charges_it(tiny_job):
+    from metapeft_dist.cost import SpendMeter
+    from metapeft_dist.evaluate import evaluate_job
+    from metapeft_dist.results import cost_line, format_table
+    from metapeft_dist.runner import job_cost
+
+    evaluation = evaluate_job(tiny_job, tiny_job.initial_meta)
+    summary = evaluation["shots"]["5"]
+    # the default target: the meta-learned init's mean after its 1 inner step
+    assert summary["target"] == summary["inits"]["meta"]["mean"][1]
+    finetune = evaluation["finetune"]
+    assert finetune["shots"] == 5 and finetune["target"] == summary["target"]
+    cost = job_cost(tiny_job, tiny_job.initial_meta, evaluation, SpendMeter({}))
+    standard = cost["per_task"]["standard"]
+    assert standard["steps_to_target"] == finetune["steps_to_target"]
+    assert standard["reached"] is (finetune["steps_to_target"] is not None)
+    reached = finetune["steps_to_target"]
+    assert standard["steps_charged"] == (reached if reached is not None else 12)
+    assert standard["step_seconds"] > 0
+    assert "Adam at lr 0.001" in standard["how"]
+    results = {"job": "tiny", "spec": {"algorithm": {"name": "maml"},
+                                       "family": {"name": "sinusoid"}},
+               "evaluation": evaluation, "meta_training": {}, "cost": cost}
+    table = format_table(results)
+    assert "target: " in table and "(the meta-learned init after 1 steps)" in table
+    assert "standard init fine-tuned (5-shot, Adam lr 0.001, 6 tasks)" in table
+    assert cost_line(cost) in table

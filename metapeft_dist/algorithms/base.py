@@ -77,13 +77,23 @@ class MetaAlgorithm:
 
 def map_tasks(fn: Any, shared: Any, batch: Task, vmap: bool) -> Any:
     """fn(shared, *task) for every task of ``batch``, stacked along a leading axis:
-    vmapped, or a Python loop (for models whose ops have no vmap rule)."""
+    vmapped, or a Python loop (for models whose ops have no vmap rule). The parts of
+    ``batch`` are arrays or trees of arrays, all with the task axis first."""
     if vmap:
-        return mx.vmap(fn, in_axes=(None, 0, 0, 0, 0))(shared, *batch)
-    outs = [fn(shared, *(part[i] for part in batch)) for i in range(batch[0].shape[0])]
+        return mx.vmap(fn, in_axes=(None,) + (0,) * len(batch))(shared, *batch)
+    count = _leaves(batch[0])[0].shape[0]
+    outs = [fn(shared, *(_index(part, i) for part in batch)) for i in range(count)]
     if isinstance(outs[0], tuple):
         return tuple(_stack_trees([o[j] for o in outs]) for j in range(len(outs[0])))
     return _stack_trees(outs)
+
+
+def _leaves(tree: Any) -> list[mx.array]:
+    return [x for v in tree.values() for x in _leaves(v)] if isinstance(tree, dict) else [tree]
+
+
+def _index(tree: Any, i: int) -> Any:
+    return {k: _index(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
 
 
 def _stack_trees(trees: list[Any]) -> Any:

@@ -55,8 +55,9 @@ class _ProgressPrinter:
             if done == total:
                 self.bar.__exit__(None, None, None)
         elif stage == "evaluate":
+            detail = f": {info['detail']}" if "detail" in info else ""
             click.echo(f"evaluating {done}/{total}: {info['init']} init, "
-                       f"{info['shots']}-shot", err=True)
+                       f"{info['shots']}-shot{detail}", err=True)
 
 
 @click.command()

@@ -403,6 +403,36 @@ class OuterSpec:
 
 BASELINES = ("random", "pretrained", "head", "in_context")
 
+# mlx-lm's LoRA defaults (mlx_lm.lora CONFIG_DEFAULTS): Adam at 1e-5 on adapters of scale
+# 20. The same Adam step moves the product scale * B @ A by scale * lr, so adapters of
+# another scale (alpha / rank here) take lr 1e-5 * 20 / scale for the same change.
+MLX_LM_LR = 1e-5
+MLX_LM_SCALE = 20.0
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Per-task fine-tuning as a user pays it (RQ3): the standard init (eval.baselines'
+    random: for LoRA, A random and B zero) trained with Adam on each task's support set
+    until its mean query metric reaches the target or the budget runs out."""
+
+    steps: int = documented(
+        "budget: the most Adam steps the standard init takes to reach the target; 0: no "
+        "fine-tuning run (the standard init's steps come from its evaluation curve)",
+        default=200)
+    lr: float | None = documented(
+        "Adam learning rate; unset: mlx-lm's default for LoRA (1e-5 at scale 20, so "
+        "1e-5 * 20 / (alpha / rank)), 1e-3 (Adam's usual default) for other parameters",
+        default=None)
+    tasks: int = documented("held-out tasks fine-tuned (at the job's own shot count)",
+                            default=20)
+
+    def __post_init__(self) -> None:
+        with Checks() as check:
+            check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+            check(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+            check(self.tasks >= 1, "tasks", f"must be >= 1, got {self.tasks}")
+
 
 @dataclass(frozen=True)
 class EvalSpec:
@@ -433,9 +463,13 @@ class EvalSpec:
             default=None,
         ))
     target: float | None = documented(
-        "steps-to-target threshold; unset: the random init's value after the last step",
+        "steps-to-target threshold; unset: what the meta-learned init reaches after its "
+        "inner steps (inner.steps, at most eval.steps), at each shot count",
         default=None,
     )
+    finetune: FinetuneSpec = documented(
+        "the standard init fine-tuned to the target (the cost of a task without "
+        "meta-learning)", default_factory=FinetuneSpec)
     query: int | None = documented(
         "query examples per class (or per task) at meta-test; unset: family.query", default=None
     )
