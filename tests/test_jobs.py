@@ -15,7 +15,8 @@ from conftest import JOBS
 # meta-test tasks: every part of a job runs, at the smallest size that still exercises it.
 SHORT = ["algorithm.iterations=2", "eval.tasks=3", "eval.val_tasks=2", "eval.chunk=3",
          "eval.every=1", "eval.steps=2", "checkpoint.every=1", "model.pretrain.steps=3",
-         "family.shots=2", "family.query=2", "inner.steps=2"]
+         "family.shots=2", "family.query=2", "inner.steps=2", "eval.finetune.steps=3",
+         "eval.finetune.tasks=2"]
 
 
 @pytest.fixture(scope="module")
