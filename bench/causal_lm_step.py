@@ -96,7 +96,7 @@ def build_cost(path: str, count: int) -> tuple[float, int, tuple[int, ...]]:
     texts = glosses(count)
     model = CausalLMModel(path, ADAPTED, KEYS, 8, 2.0, MAX_LEN, WAYS, texts)
     module = model.module()
-    prompts = causal_lm._prompts(path, texts, MAX_LEN)
+    prompts = causal_lm.tokenized_prompts(path, texts, MAX_LEN)
     start = time.perf_counter()
     hidden = lm_states.corpus_states(module, prompts["inputs.ids"], prompts["inputs.mask"],
                                      model.start_layer)

@@ -101,6 +101,32 @@ def test_no_import_cycle():
     assert cycle is None, (f"import cycle {' -> '.join(cycle)}:\n{_describe(cycle, graph)}")
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_attributes(module: str, path: Path, modules: dict[str, Path]):
+    """(line, module, name) for every ``mod._name`` where ``mod`` is a package module
+    bound by an import in ``path`` (``from pkg import mod``, ``import pkg.mod as mod``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules and alias.asname:
+                    bound[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            source = _absolute(module, path, node)
+            for alias in node.names:
+                if source and f"{source}.{alias.name}" in modules:
+                    bound[alias.asname or alias.name] = f"{source}.{alias.name}"
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in bound and _private(node.attr)
+                and bound[node.value.id] != module):
+            yield node.lineno, bound[node.value.id], node.attr
+
+
 def test_no_module_imports_another_modules_private_name():
     modules = _modules()
     found = []
@@ -108,11 +134,13 @@ def test_no_module_imports_another_modules_private_name():
         for path in sorted(directory.rglob("*.py")):
             module = _module_name(path)
             for target, line, names in _imports(module, path, modules):
-                private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+                private = [n for n in names if _private(n)]
                 if private and target != module:
                     found.append(f"{path.relative_to(ROOT)}:{line} imports "
                                  f"{', '.join(private)} from {target}")
-    assert not found, "private names imported across modules:\n  " + "\n  ".join(found)
+            for line, target, name in _private_attributes(module, path, modules):
+                found.append(f"{path.relative_to(ROOT)}:{line} reads {target}.{name}")
+    assert not found, "private names used across modules:\n  " + "\n  ".join(found)
 
 
 def test_the_walk_sees_cycles_and_private_names(tmp_path):
@@ -135,3 +163,8 @@ def test_the_walk_sees_cycles_and_private_names(tmp_path):
     top = list(_imports(f"{PACKAGE}.top", modules[f"{PACKAGE}.top"], modules))
     assert leaf == [(f"{PACKAGE}.top", 2, ())]
     assert top == [(f"{PACKAGE}.sub.leaf", 1, ()), (f"{PACKAGE}.sub.leaf", 2, ("_hidden", "f"))]
+    (package / "user.py").write_text(f"from {PACKAGE}.sub import leaf\n"
+                                     "x = leaf._cache + leaf.public + leaf.__name__\n")
+    modules[f"{PACKAGE}.user"] = package / "user.py"
+    assert list(_private_attributes(f"{PACKAGE}.user", package / "user.py", modules)) == [
+        (2, f"{PACKAGE}.sub.leaf", "_cache")]

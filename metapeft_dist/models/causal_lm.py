@@ -315,7 +315,7 @@ def _verbalizer(path: str, ways: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=4)
-def _prompts(path: str, texts: tuple[str, ...], max_len: int) -> Params:
+def tokenized_prompts(path: str, texts: tuple[str, ...], max_len: int) -> Params:
     """``inputs.ids`` / ``inputs.mask`` (int32, (N, L)): every text's prompt, right-padded."""
     tokenizer = _tokenizer(path)
     tail = len(tokenizer.encode(PROMPT_TAIL, add_special_tokens=False))
@@ -345,7 +345,7 @@ def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int,
                    lora: tuple) -> Params:
     """``inputs.ids``, ``inputs.mask`` and ``inputs.hidden`` (the states entering layer
     ``start``) for every corpus text: from the disk cache, else computed and cached."""
-    prompts = _prompts(path, texts, max_len)
+    prompts = tokenized_prompts(path, texts, max_len)
     file = cache_dir("causal_lm") / f"{corpus_key(path, PROMPT, texts, max_len, start)}.safetensors"
     hidden = read_states(file, prompts)
     if hidden is None:
