@@ -26,6 +26,13 @@ Sections:
             the standard LoRA init at rank 4 on the top layer and at rank 8 on the top
             two, and head-only tuning, 45 query texts per class (bench/select_bench.py;
             ~50 minutes)
+  llm       SmolLM2-135M-Instruct: the meta-learned LoRA init (jobs/smollm2-wordnet- and
+            -fortunes-fomaml.yaml, meta-trained here) vs standard LoRA, zero-shot and
+            in-context prompting on 100 meta-test tasks at 1 and 5 shots, steps to the
+            target against the standard init fine-tuned with mlx-lm's Adam, RQ3, peak
+            memory (bench/llm_bench.py), then one inner step cached vs all layers, float32
+            vs 4-bit (bench/causal_lm_step.py); hours on two cores. BENCH_LLM_WORDNET_RUN /
+            BENCH_LLM_FORTUNES_RUN name finished runs to evaluate instead of training
   hyper     on digits: the LoRA hypernetwork (jobs/digits-hyper.yaml) against first-order
             MAML of the same adapters (jobs/digits-lora-fomaml.yaml), 0-10 steps at 1 and
             5 shots, paired (bench/hyper_compare.py); then RQ2 on digits among those two,
@@ -54,6 +61,7 @@ from metapeft_dist.job import build_job  # noqa: E402
 from metapeft_dist.runner import meta_train, run_job  # noqa: E402
 from metapeft_dist.trainer import MetaTrainer  # noqa: E402
 from hyper_compare import compare as hyper_compare  # noqa: E402  (bench/)
+from llm_bench import bench_llm  # noqa: E402
 from select_bench import bench_select  # noqa: E402  (bench/, the script's directory)
 from text_bench import bench_text  # noqa: E402
 
@@ -463,11 +471,22 @@ def bench_hyper_section() -> dict:
     return out
 
 
+def bench_llm_section() -> dict:
+    names = {family: f"BENCH_LLM_{family.upper()}_RUN" for family in ("wordnet", "fortunes")}
+    runs = {family: os.environ[name] for family, name in names.items() if os.environ.get(name)}
+    out = bench_llm(_run, runs=runs)
+    step = subprocess.run([sys.executable, str(ROOT / "bench" / "causal_lm_step.py"),
+                           "--build-texts", "200"], capture_output=True, text=True)
+    print(step.stdout, end="", flush=True)
+    out["step"] = step.stdout.splitlines()
+    return out
+
+
 SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
             "digits": bench_digits, "gaussian": bench_gaussian,
             "distributed": bench_distributed, "metrics": bench_metrics,
             "text": bench_text_section, "select": bench_select_section,
-            "hyper": bench_hyper_section}
+            "hyper": bench_hyper_section, "llm": bench_llm_section}
 
 
 def main(argv: list[str]) -> None:
