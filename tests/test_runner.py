@@ -43,7 +43,14 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
     summary = ev["shots"]["5"]
     assert set(summary["inits"]) == {"meta", "random"}
     assert len(summary["inits"]["meta"]["mean"]) == 4  # steps 0..3
-    assert summary["target"] == summary["inits"]["random"]["mean"][-1]
+    # the target: what the meta-learned init reaches after its inner step (inner.steps 1)
+    assert ev["target_step"] == 1
+    assert summary["target"] == summary["inits"]["meta"]["mean"][1]
+    finetune = ev["finetune"]  # the standard init fine-tuned to it, at the job's 5 shots
+    assert finetune["shots"] == 5 and finetune["target"] == summary["target"]
+    assert finetune["budget"] == 200 and finetune["tasks"] == 20 and finetune["lr"] == 1e-3
+    reached = finetune["steps_to_target"]
+    assert finetune["steps"][-1] == (reached if reached is not None else 200)
     assert {"setup", "meta-train", "evaluate", "done"} <= set(seen)
     table = format_table(results)
     assert "meta" in table and "random" in table and "steps to target" in table
