@@ -310,7 +310,8 @@ def in_context_curves(job: Job, init: Init, split: str, shots: int, tasks: int, 
     its steps-to-target is 0 or never)."""
     from metapeft_dist.models.in_context import InContext
 
-    scorer = InContext(job.model, init.frozen["inputs.ids"], init.frozen["inputs.mask"])
+    scorer = InContext(job.model, init.frozen["inputs.ids"], init.frozen["inputs.mask"],
+                       chat=init.prompted == "chat")
     params = init.meta["params"]
     out = []
     for start in range(0, tasks, chunk):

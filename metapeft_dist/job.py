@@ -56,8 +56,10 @@ class Init:
     meta: Meta
     frozen: Params
     # scored by in-context prompting with the support set instead of adapted on it
-    # (models/in_context.py): no steps, the same value at every step of its curve
-    prompted: bool = False
+    # (models/in_context.py): "plain" (the classifier's prompts, one after another) or
+    # "chat" (through the model's chat template); no steps, the same value at every
+    # step of its curve
+    prompted: str | None = None
 
 
 @dataclass
@@ -114,13 +116,14 @@ class Job:
         pretrained: the pretrained network with a fresh head, split like the job.
         head: the same fresh head as random, tuned alone; the rest frozen (adapters at
         B = 0, so the base as it is). in_context (causal_lm): random's adapters (B = 0,
-        so the base LM), not adapted but prompted with the support set."""
-        if name == "in_context":
+        so the base LM), not adapted but prompted with the support set; in_context_chat
+        the same through the model's chat template."""
+        if name in ("in_context", "in_context_chat"):
             if self.model.kind != "causal_lm":
-                raise ValueError(f"eval.baselines: in_context applies to kind causal_lm, "
+                raise ValueError(f"eval.baselines: {name} applies to kind causal_lm, "
                                  f"not {self.model.kind}")
-            return dataclasses.replace(self.baseline("random"), name="in_context",
-                                       prompted=True)
+            return dataclasses.replace(self.baseline("random"), name=name,
+                                       prompted="chat" if name.endswith("chat") else "plain")
         if name == "head":
             fresh = self.model.init(mx.random.key(self.spec.seed + 1))
             head = {k: v for k, v in fresh.items() if is_head(k)}

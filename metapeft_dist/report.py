@@ -17,9 +17,10 @@ from typing import Any, Callable
 PLOTS = ("training", "shots", "cost", "throughput")
 DPI = 120
 COLORS = {"meta": "tab:blue", "random": "tab:gray", "pretrained": "tab:orange",
-          "in_context": "tab:green"}
+          "in_context": "tab:green", "in_context_chat": "tab:olive"}
 INIT_LABELS = {"meta": "meta-learned", "random": "random", "pretrained": "pretrained",
-               "in_context": "in-context prompting"}
+               "in_context": "in-context prompting",
+               "in_context_chat": "in-context prompting (chat template)"}
 
 
 class ReportError(ValueError):

@@ -101,6 +101,9 @@ BAD = [
     ("family: {name: wordnet, ways: 5}\nmodel: {kind: encoder, train: lora, lora: {}}\n"
      "algorithm: {name: fomaml}\neval: {baselines: [in_context]}", "eval.baselines",
      "applies to kind causal_lm, not encoder"),
+    (MINIMAL + "eval: {baselines: [in_context, in_context_chat]}", "eval.baselines",
+     "in_context, in_context_chat (prompting with the support set) applies to kind "
+     "causal_lm, not mlp"),
     (MINIMAL.replace("{name: maml}", "{name: reptile, reptile: {serial: true}}"),
      "algorithm.reptile.serial", "use runtime.mode: local"),
     (MINIMAL + "runtime: {chunk: 30}", "runtime.chunk", "exceeds algorithm.meta_batch = 25"),

@@ -401,7 +401,8 @@ class OuterSpec:
             check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
 
 
-BASELINES = ("random", "pretrained", "head", "in_context")
+BASELINES = ("random", "pretrained", "head", "in_context", "in_context_chat")
+PROMPTED = ("in_context", "in_context_chat")
 
 # mlx-lm's LoRA defaults (mlx_lm.lora CONFIG_DEFAULTS): Adam at 1e-5 on adapters of scale
 # 20. The same Adam step moves the product scale * B @ A by scale * lr, so adapters of
@@ -450,14 +451,18 @@ class EvalSpec:
         "stopping), or the last; 'best' needs every > 0",
         default="best",
     )
-    baselines: tuple[Literal["random", "pretrained", "head", "in_context"], ...] | None = (
+    baselines: tuple[Literal["random", "pretrained", "head", "in_context",
+                             "in_context_chat"], ...] | None = (
         documented(
             "inits to compare the meta-learned one against: random (a fresh standard init, "
             "same frozen base; for LoRA: A random, B zero; for causal_lm its step 0 is "
             "zero-shot prompting), pretrained (trained on all meta-train data, then "
             "fine-tuned), head (a fresh head tuned alone on the frozen base) and "
             "in_context (causal_lm only: few-shot prompting of the base LM, the support "
-            "set's examples in the prompt before each query, no steps: its curve is flat); "
+            "set's examples in the prompt before each query, no steps: its curve is flat), "
+            "in_context_chat (the same through the model's chat template: an instruction, "
+            "the examples and the query in one user message, the answer begun with "
+            "'Label:'); "
             "unset: random and pretrained, random and head for the encoder, random for "
             "causal_lm",
             default=None,
@@ -713,11 +718,12 @@ class JobSpec:
                 f"pretrained does not apply to the {kind} (its base is pretrained already)"
                 + ("; compare with head" if kind == "encoder" else ""),
             )
+            prompted = [b for b in self.eval.baselines if b in PROMPTED]
             check(
-                kind == "causal_lm" or "in_context" not in self.eval.baselines,
+                kind == "causal_lm" or not prompted,
                 "eval.baselines",
-                f"in_context (prompting with the support set) applies to kind causal_lm, "
-                f"not {kind}",
+                f"{', '.join(prompted)} (prompting with the support set) applies to kind "
+                f"causal_lm, not {kind}",
             )
             check(
                 kind != "causal_lm" or "head" not in self.eval.baselines,

@@ -27,6 +27,18 @@ prefix is paid once per task rather than once per query, and the full-vocabulary
 never runs (the verbalizer's rows only). With no support examples the prompt is the
 query's own prompt: zero-shot prompting, which is what the standard init (B = 0) scores
 at step 0 of the ``random`` baseline (up to the float16 rounding of its cached states).
+
+``chat=True`` (the ``in_context_chat`` baseline) prompts an instruction-tuned model as its
+users do, through its chat template: one user message holding an instruction, the same
+examples and the query's ``Text: ...``, then the assistant's turn begun with ``Label:``,
+so the same verbalizer tokens are read::
+
+    <|im_start|>user\nLabel each text with one of the letters A, B, C, D, E.\n\n
+    Text: {support 1}\nLabel: A\n\n...Text: {query}<|im_end|>\n<|im_start|>assistant\nLabel:
+
+(SmolLM2's template, which also adds its default system message). Each prompt is the
+tokenization of that whole string; the tokens the task's prompts share (their longest
+common prefix) run once into the KV cache, the rest per query.
 """
 
 from __future__ import annotations
@@ -35,11 +47,18 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from metapeft_dist.models.causal_lm import LABEL_PREFIX, PROMPT, PROMPT_TAIL, CausalLMModel
+from metapeft_dist.models.causal_lm import (
+    LABEL_PREFIX,
+    LETTERS,
+    PROMPT,
+    PROMPT_TAIL,
+    CausalLMModel,
+)
 from metapeft_dist.tree import Params
 
 SEPARATOR = "\n\n"  # between one example's label and the next example's prompt
 _QUERY_BATCH = 8  # queries run together on copies of a task's prefix cache
+INSTRUCTION = "Label each text with one of the letters {letters}.\n\n"
 
 
 class InContext:
@@ -47,14 +66,47 @@ class InContext:
     given) with a task's support set. ``ids`` / ``mask``: the corpus prompts
     (``inputs.ids`` / ``inputs.mask`` of the model's frozen parameters)."""
 
-    def __init__(self, model: CausalLMModel, ids: mx.array, mask: mx.array):
+    def __init__(self, model: CausalLMModel, ids: mx.array, mask: mx.array,
+                 chat: bool = False):
         self.model = model
         self.ids = np.array(ids)
         self.lengths = np.array(mask).sum(axis=1)
         tokenizer = model.tokenizer()
+        self.tokenizer = tokenizer
         self.lead = leading_specials(tokenizer)
         self.separator = separator_tokens(tokenizer)
         self.letters = [int(t) for t in np.array(model.verbalizer())]
+        self.chat = chat
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"in_context_chat: {model.path} has no chat template; use "
+                             "in_context")
+
+    def prompt_text(self, index: int) -> str:
+        """A corpus text's classifier prompt ``Text: ...\nLabel:`` as the corpus holds it
+        (cut to max_len tokens)."""
+        return self.tokenizer.decode([int(t) for t in
+                                      self.ids[index, self.lead:self.lengths[index]]])
+
+    def chat_prompts(self, support_x, support_y, query_x) -> tuple[list[int], list[list[int]]]:
+        """(the tokens a task's chat prompts share, each query's tokens after them)."""
+        letters = ", ".join(LETTERS[:self.model.out_dim])
+        head = INSTRUCTION.format(letters=letters) + "".join(
+            f"{self.prompt_text(int(support_x[i]))} {LETTERS[int(support_y[i])]}{SEPARATOR}"
+            for i in example_order(support_x))
+        rows = []
+        for q in np.asarray(query_x):
+            text = self.prompt_text(int(q))
+            text = text[:-len(PROMPT_TAIL)] if text.endswith(PROMPT_TAIL) else text
+            whole = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": head + text}], add_generation_prompt=True,
+                tokenize=False) + LABEL_PREFIX
+            rows.append(list(self.tokenizer.encode(whole, add_special_tokens=False)))
+        common = min(len(r) for r in rows) - 1  # every query keeps at least one token
+        for i in range(common):
+            if any(r[i] != rows[0][i] for r in rows):
+                common = i
+                break
+        return rows[0][:common], [r[common:] for r in rows]
 
     def prefix(self, support_x: np.ndarray, support_y: np.ndarray) -> list[int]:
         """The shared tokens of a task's prompts: the leading special tokens, then every
@@ -78,7 +130,13 @@ class InContext:
         module.update(tree_unflatten([(n, v) for n, v in params.items()
                                       if not n.startswith("inputs.")]))
         rows = self.model.label_rows()
-        prefix = self.prefix(np.asarray(support_x), np.asarray(support_y))
+        query_x = np.asarray(query_x)
+        if self.chat:
+            prefix, own = self.chat_prompts(np.asarray(support_x), np.asarray(support_y),
+                                            query_x)
+        else:
+            prefix = self.prefix(np.asarray(support_x), np.asarray(support_y))
+            own = [self.query_tokens(int(q)) for q in query_x]
         shared = None
         if prefix:
             from mlx_lm.models.cache import make_prompt_cache
@@ -87,9 +145,8 @@ class InContext:
             module.model(mx.array([prefix], dtype=mx.int32), cache=shared)
             mx.eval([c.keys for c in shared], [c.values for c in shared])
         out = []
-        query_x = np.asarray(query_x)
-        for begin in range(0, len(query_x), batch):
-            queries = [self.query_tokens(int(q)) for q in query_x[begin:begin + batch]]
+        for begin in range(0, len(own), batch):
+            queries = own[begin:begin + batch]
             width = max(len(q) for q in queries)
             ids = np.zeros((len(queries), width), dtype=np.int32)  # right-padded: never read
             for i, q in enumerate(queries):

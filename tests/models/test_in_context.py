@@ -94,3 +94,47 @@ def test_no_examples_is_zero_shot_the_standard_inits_step_0(setup):
     got = np.array(scorer.logits(params, np.array([], dtype=np.int32),
                                  np.array([], dtype=np.int32), qx))
     np.testing.assert_allclose(got, np.array(model(params, mx.array(qx))), atol=FLOAT16_ATOL)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def test_without_a_chat_template_the_chat_variant_is_refused(setup):
+    model, params, _ = setup
+    with pytest.raises(ValueError, match="has no chat template; use in_context"):
+        InContext(model, params["inputs.ids"], params["inputs.mask"], chat=True)
+
+
+def test_the_chat_prompt_is_the_templates_string_scored_by_the_plain_module(llama_dir,
+                                                                           tmp_path):
+    """Known answer: one user message (the instruction, the examples, the query's text),
+    the assistant's turn begun with "Label:", tokenized whole and run through the plain
+    module; through the shared prefix's cache the same logits."""
+    import json
+    import shutil
+
+    chat_dir = tmp_path / "chat_llama"
+    shutil.copytree(llama_dir, chat_dir)
+    config = json.loads((chat_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (chat_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    model = CausalLMModel(str(chat_dir), 1, KEYS, 4, 2.0, 48, 3, TEXTS)
+    params = model.init(mx.random.key(0))
+    scorer = InContext(model, params["inputs.ids"], params["inputs.mask"], chat=True)
+    plain, tokenizer = mlx_lm.load(str(chat_dir))
+    sx, sy, qx = np.array([0, 1, 2]), np.array([2, 0, 1]), np.array([4, 5, 3])
+    shots = "".join(f"Text: {TEXTS[sx[i]]}\nLabel: {'ABC'[sy[i]]}\n\n"
+                    for i in example_order(sx))
+    strings = [f"<s>user\nLabel each text with one of the letters A, B, C.\n\n{shots}"
+               f"Text: {TEXTS[q]}</s>\n<s>assistant\nLabel:" for q in qx]
+    prefix, own = scorer.chat_prompts(sx, sy, qx)
+    for string, tail in zip(strings, own, strict=True):
+        assert prefix + tail == tokenizer.encode(string, add_special_tokens=False)
+        assert tail  # every query keeps its own tokens
+    expected = np.stack([np.array(plain(mx.array([tokenizer.encode(
+        s, add_special_tokens=False)]))[0, -1, model.verbalizer()]) for s in strings])
+    adapters = {n: v for n, v in params.items() if not n.startswith("inputs.")}
+    got = np.array(scorer.logits(adapters, sx, sy, qx))
+    # a cached prefix and batched queries: equal to float32 rounding, not bitwise
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
