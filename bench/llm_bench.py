@@ -60,7 +60,9 @@ def evaluate_run(run_dir: str | Path, tasks: int, overrides: list[str],
     spec, meta, source = load_init(run_dir)
     spec = retarget(spec, overrides=[f"eval.tasks={tasks}", "eval.shots=[1,5]",
                                      "eval.steps=10", "eval.baselines=[random,in_context]",
-                                     *overrides])
+                                     # the run may have skipped it (this bench's own
+                                     # meta-training does): the standard init's fine-tune
+                                     "eval.finetune.steps=200", *overrides])
     job = build_job(spec)
     started = time.perf_counter()
 
