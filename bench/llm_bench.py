@@ -50,12 +50,11 @@ def evaluate_run(run_dir: str | Path, tasks: int, overrides: list[str],
     """The run's init on ``tasks`` meta-test tasks at 1 and 5 shots against the
     standard init, zero-shot and in-context prompting; the cost figures from the run's
     spend; peak memory of one meta-step."""
-    from metapeft_dist.cost import cost_summary
     from metapeft_dist.crossdomain import retarget
-    from metapeft_dist.evaluate import (Finetune, adaptation_step_seconds, cost_shots,
-                                        evaluate_job)
-    from metapeft_dist.job import Init, build_job
+    from metapeft_dist.evaluate import evaluate_job
+    from metapeft_dist.job import build_job
     from metapeft_dist.rundir import load_init
+    from metapeft_dist.runner import adaptation_cost
 
     spec, meta, source = load_init(run_dir)
     spec = retarget(spec, overrides=[f"eval.tasks={tasks}", "eval.shots=[1,5]",
@@ -72,20 +71,10 @@ def evaluate_run(run_dir: str | Path, tasks: int, overrides: list[str],
             f"({time.perf_counter() - started:.0f} s)")
 
     evaluation = evaluate_job(job, meta, progress)
-    shots = cost_shots(spec)
-    summary = evaluation["shots"][str(shots)]
-    meta_init, standard = Init("meta", meta, job.frozen), job.baseline("random")
-    step_seconds = adaptation_step_seconds(job, meta_init, "test", shots, 10, tasks=10)
-    finetune = evaluation["finetune"]
-    standard_seconds = Finetune(job).step_seconds(standard, shots, tasks=5)
     results = json.loads((Path(run_dir) / "results.json").read_text())
-    run_cost = results["cost"]
-    cost = cost_summary(run_cost["spend_usd"], step_seconds, run_cost["rate_usd_per_hour"],
-                        summary["inits"]["meta"]["steps_to_target"],
-                        finetune["steps_to_target"], summary["target"], shots,
-                        standard_step_seconds=standard_seconds,
-                        standard_budget=finetune["budget"],
-                        standard_how=f"Adam at lr {finetune['lr']:.3g}")
+    run_cost = results["cost"]  # the run's measured meta-training spend and node rate
+    cost = adaptation_cost(job, meta, evaluation, run_cost["spend_usd"],
+                           run_cost["rate_usd_per_hour"])
     return {"run_dir": str(run_dir), "init": source, "evaluation": evaluation,
             "cost": cost, "meta_training": results["meta_training"],
             "peak_memory": meta_step_memory(job, meta)}

@@ -271,7 +271,7 @@ class Finetune:
             steps.append(point)
             means.append(mean)
             on_step(point, ft.steps, mean)
-            if target is not None and (mean >= target if higher else mean <= target):
+            if target is not None and steps_to_target(np.array([mean]), target, higher) == 0:
                 reached = point
                 break
         return {"init": init.name, "optimizer": "adam", "lr": lr, "betas": list(ADAM_BETAS),
@@ -290,15 +290,8 @@ class Finetune:
         params: Params = init.meta["params"]
         zeros = {n: mx.zeros_like(p) for n, p in params.items()}
         fn = self._segment(steps, batched=False)
-        times = []
-        for i in range(-1, tasks):  # -1: the warm-up (compile)
-            task = (sx[max(i, 0)], sy[max(i, 0)], qx[max(i, 0)], qy[max(i, 0)])
-            mx.eval(*task)
-            start = time.perf_counter()
-            mx.eval(fn(shared, params, zeros, zeros, *task))
-            if i >= 0:
-                times.append(time.perf_counter() - start)
-        return float(np.median(times)) / steps
+        return median_seconds(lambda task: fn(shared, params, zeros, zeros, *task),
+                              [(sx[i], sy[i], qx[i], qy[i]) for i in range(tasks)]) / steps
 
 
 def in_context_curves(job: Job, init: Init, split: str, shots: int, tasks: int, stream: int,
@@ -336,15 +329,21 @@ def adaptation_step_seconds(job: Job, init: Init, split: str, shots: int, steps:
 
     fn = mx.compile(adapted) if job.spec.run.compile else adapted
     sx, sy, _, _ = to_mx(job.episodes(split, stream, range(tasks), shots))
-    mx.eval(fn(init.meta, sx[0], sy[0]))  # warm-up: compile
+    return median_seconds(lambda task: fn(init.meta, *task),
+                          [(sx[i], sy[i]) for i in range(tasks)]) / steps
+
+
+def median_seconds(fn: Callable[[Any], Any], tasks: list[tuple[mx.array, ...]]) -> float:
+    """Median seconds of ``fn(task)`` over ``tasks`` (each task's arrays evaluated
+    first), after one warm-up call on the first (the compile)."""
+    mx.eval(fn(tasks[0]))
     times = []
-    for i in range(tasks):
-        task_x, task_y = sx[i], sy[i]
-        mx.eval(task_x, task_y)
-        t0 = time.perf_counter()
-        mx.eval(fn(init.meta, task_x, task_y))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) / steps
+    for task in tasks:
+        mx.eval(*task)
+        start = time.perf_counter()
+        mx.eval(fn(task))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

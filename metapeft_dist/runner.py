@@ -251,13 +251,24 @@ def job_outcome(status: str, started: float, totals: dict[str, Any],
 
 def job_cost(job: Job, selected: Meta, evaluation: dict[str, Any],
              spend: SpendMeter) -> dict[str, Any]:
-    """The cost figures of the finished job (cost.cost_summary) from measurements: the
-    meta-training spend, steps-to-target of the meta-learned init and of the standard
-    one at the job's own shot count (the standard init fine-tuned with Adam to the
-    target, evaluate.Finetune, else its evaluation curve), and seconds per adaptation
-    step of one task from each, timed here, at this node's rate."""
+    """The cost figures of the finished job: :func:`adaptation_cost` at the meta-training
+    spend and this node's rate, and the nodes' details."""
     import platform
 
+    cost = adaptation_cost(job, selected, evaluation, spend.spend_usd(),
+                           spend.rate_usd_per_hour(platform.node()))
+    details = spend.summary()
+    cost["nodes"] = details["nodes"]
+    cost["energy_usd_per_kwh"] = details["energy_usd_per_kwh"]
+    return cost
+
+
+def adaptation_cost(job: Job, selected: Meta, evaluation: dict[str, Any], spend_usd: float,
+                    rate_usd_per_hour: float) -> dict[str, Any]:
+    """cost.cost_summary from measurements: steps-to-target of the meta-learned init and
+    of the standard one at the job's own shot count (the standard init fine-tuned with
+    Adam to the target, evaluate.Finetune, else its evaluation curve), and seconds per
+    adaptation step of one task from each, timed here."""
     from metapeft_dist.evaluate import Finetune, adaptation_step_seconds, cost_shots
 
     spec = job.spec
@@ -280,13 +291,10 @@ def job_cost(job: Job, selected: Meta, evaluation: dict[str, Any],
         steps_standard = finetune["steps_to_target"]
     else:
         steps_standard = inits.get("random", {}).get("steps_to_target")
-    cost = cost_summary(spend.spend_usd(), step_seconds, spend.rate_usd_per_hour(platform.node()),
+    cost = cost_summary(spend_usd, step_seconds, rate_usd_per_hour,
                         inits["meta"].get("steps_to_target"), steps_standard,
                         summary["target"], shots, **extra)
     cost["standard_init"] = "random" if "random" in inits else None
-    details = spend.summary()
-    cost["nodes"] = details["nodes"]
-    cost["energy_usd_per_kwh"] = details["energy_usd_per_kwh"]
     return cost
 
 
