@@ -205,7 +205,8 @@ def bench_distributed(rounds: int = 5) -> dict:
     import ray
 
     from metapeft_dist.config import parse_spec
-    from metapeft_dist.runtime.driver import RayExecutor, connect
+    from metapeft_dist.runtime.connection import connect
+    from metapeft_dist.runtime.driver import RayExecutor
     from metapeft_dist.runtime.worker import Worker
     from metapeft_dist.wire import TreeSpec, encode
 
@@ -308,7 +309,8 @@ def bench_metrics(pairs: int = 16) -> dict:
     from metapeft_dist.config import parse_spec
     from metapeft_dist.cost import SpendMeter
     from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics
-    from metapeft_dist.runtime.driver import RayExecutor, connect
+    from metapeft_dist.runtime.connection import connect
+    from metapeft_dist.runtime.driver import RayExecutor
 
     spend = SpendMeter({})
     on = JobMetrics("bench", "maml", spend=spend)

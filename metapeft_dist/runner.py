@@ -82,6 +82,10 @@ class RunDirError(RuntimeError):
 class Executor(Protocol):
     """Runs meta-iterations: the in-process MetaTrainer or the Ray driver's RayExecutor."""
 
+    @property
+    def workers(self) -> int:
+        """The MLX workers started (1: this process)."""
+
     def step(self, iteration: int) -> tuple[float, float]: ...
     def snapshot(self) -> Meta: ...
     def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
@@ -171,7 +175,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
             else:
                 log(f"resuming {run_dir} from iteration {resume.iteration}")
             metrics.job_started(spec.family.name, spec.runtime.mode, spec.algorithm.iterations,
-                                len(getattr(executor, "workers", [None])),
+                                executor.workers,
                                 spec.runtime.staleness if spec.runtime.mode == "async" else None,
                                 spec.cost.budget_usd)
             on_progress("setup", 0, 1, {"run_dir": str(run_dir)})

@@ -127,6 +127,8 @@ class MetaTrainer:
 
     # --- the executor interface (see runner.Executor) -------------------------------------
 
+    workers = 1  # this process
+
     def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
                    best: Meta | None = None) -> None:
         save_checkpoint(path, iteration, self.meta, self.optimizer.state,

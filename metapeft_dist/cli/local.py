@@ -90,7 +90,8 @@ def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: 
             fail_usage(str(err))
     from metapeft_dist.results import format_table
     from metapeft_dist.runner import RunDirError
-    from metapeft_dist.runtime.driver import ClusterError, StallError
+    from metapeft_dist.runtime.connection import ClusterError
+    from metapeft_dist.runtime.dispatch import StallError
 
     progress = _ProgressPrinter(quiet or as_json)
 

@@ -1,5 +1,6 @@
-"""Distributed execution: the Ray driver (driver.py), the MLX worker and the parameter
-server it runs as actors (worker.py, param_server.py, plain classes testable without
-Ray), checkpoints (checkpoint.py), the job-server client for submitted jobs (jobs.py) and
-the cluster description (launcher.py). Only these import ray, and jobs.py / launcher.py
-only when called."""
+"""Distributed execution: the Ray driver (driver.py, with connection.py, pool.py,
+dispatch.py and steppers.py), the MLX worker and the parameter server it runs as actors
+(worker.py, param_server.py, plain classes testable without Ray), checkpoints
+(checkpoint.py), the job-server client for submitted jobs (jobs.py) and the cluster
+description (launcher.py). Only these import ray, and jobs.py / launcher.py only when
+called."""

@@ -357,7 +357,8 @@ def test_workers_that_cannot_build_the_job_end_it_with_their_reason(cluster, tmp
     run ends at once with what they raised instead of waiting runtime.stall_timeout for
     workers that will never answer."""
     from metapeft_dist.job import build_job
-    from metapeft_dist.runtime.driver import ClusterError, RayExecutor
+    from metapeft_dist.runtime.connection import ClusterError
+    from metapeft_dist.runtime.driver import RayExecutor
 
     spec, llama, _ = _llama_job(tmp_path, iterations=2)
     job = build_job(spec)
