@@ -58,7 +58,8 @@ sys.path.insert(0, str(ROOT))
 import metapeft_dist  # noqa: E402,F401  (loads OpenBLAS before mlx)
 from metapeft_dist.config import load_spec  # noqa: E402
 from metapeft_dist.job import build_job  # noqa: E402
-from metapeft_dist.runner import meta_train, run_job  # noqa: E402
+from metapeft_dist.runner import run_job  # noqa: E402
+from metapeft_dist.training import meta_train  # noqa: E402
 from metapeft_dist.trainer import MetaTrainer  # noqa: E402
 from hyper_compare import compare as hyper_compare  # noqa: E402  (bench/)
 from llm_bench import bench_llm  # noqa: E402

@@ -28,6 +28,7 @@ from metapeft_dist.models import build_model, is_head
 from metapeft_dist.objectives import CLASSIFICATION
 from metapeft_dist.rundir import AdaptError, load_init, narrow
 from metapeft_dist.tasks.text import read_task
+from metapeft_dist.tree import Meta, Params
 
 
 def read_examples(file: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
@@ -43,6 +44,36 @@ def read_examples(file: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
     return texts, np.array(labels, dtype=np.int32), [n.split(":", 1)[1] for n in names]
 
 
+def _read_holdout(holdout: str | Path | None, data: str | Path,
+                  names: list) -> tuple[list[str], np.ndarray]:
+    """The held-out examples' texts and labels (as indices into the task's ``names``)."""
+    if holdout is None:
+        return [], np.zeros(0, dtype=np.int32)
+    held_texts, held, held_names = read_examples(holdout)
+    unknown = sorted(set(held_names) - set(names))
+    if unknown:
+        raise AdaptError(f"{holdout} has labels the task file {data} lacks: "
+                         f"{', '.join(map(str, unknown))}")
+    return held_texts, np.array([names.index(held_names[i]) for i in held], dtype=np.int32)
+
+
+def _starting_point(spec, model, algorithm, meta: Meta, start_from: str,
+                    ways: int) -> tuple[Meta, Params]:
+    """(meta-parameters to adapt from, the frozen rest) for ``start_from``."""
+    fresh = model.init(mx.random.key(spec.seed))
+    if start_from == "meta":
+        start = narrow(meta, ways)
+    else:  # as Job.baseline builds them: the same key, so the same start as evaluation's
+        standard = model.init(mx.random.key(spec.seed + 1))
+        keep = (is_head if start_from == "head"
+                else lambda k: k in meta["params"])  # the trainable names of the run
+        start = narrow(algorithm.init_meta({k: v for k, v in standard.items() if keep(k)}),
+                       ways)
+        fresh = {**fresh, **{k: v for k, v in standard.items() if not keep(k)
+                             and not k.startswith("inputs.")}}
+    return start, {k: v for k, v in fresh.items() if k not in start["params"]}
+
+
 def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None = None,
                steps: int | None = None, holdout: str | Path | None = None,
                start_from: str = "meta") -> dict[str, Any]:
@@ -55,14 +86,7 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
         raise AdaptError(f"start_from must be meta, standard or head, got {start_from!r}")
     spec, meta, source = load_init(run_dir)
     texts, labels, names = read_examples(data)
-    held_texts, held_labels = [], np.zeros(0, dtype=np.int32)
-    if holdout is not None:
-        held_texts, held, held_names = read_examples(holdout)
-        unknown = sorted(set(held_names) - set(names))
-        if unknown:
-            raise AdaptError(f"{holdout} has labels the task file {data} lacks: "
-                             f"{', '.join(map(str, unknown))}")
-        held_labels = np.array([names.index(held_names[i]) for i in held], dtype=np.int32)
+    held_texts, held_labels = _read_holdout(holdout, data, names)
     ways = len(names)
     out_dim = ways if spec.model.kind == "causal_lm" else spec.family.ways
     if ways > out_dim:
@@ -74,20 +98,10 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
 
     corpus = SimpleNamespace(corpus=SimpleNamespace(texts=tuple(texts + held_texts)))
     model = build_model(spec.model, (), out_dim, corpus)
-    fresh = model.init(mx.random.key(spec.seed))
     algorithm = make_algorithm(spec)
-    if start_from == "meta":
-        start = narrow(meta, ways)
-    else:  # as Job.baseline builds them: the same key, so the same start as evaluation's
-        standard = model.init(mx.random.key(spec.seed + 1))
-        keep = (is_head if start_from == "head"
-                else lambda k: k in meta["params"])  # the trainable names of the run
-        start = narrow(algorithm.init_meta({k: v for k, v in standard.items() if keep(k)}),
-                        ways)
-        fresh = {**fresh, **{k: v for k, v in standard.items() if not keep(k)
-                             and not k.startswith("inputs.")}}
+    start, frozen = _starting_point(spec, model, algorithm, meta, start_from, ways)
+    if start_from != "meta":
         source = f"{start_from} init of {run_dir}'s model"
-    frozen = {k: v for k, v in fresh.items() if k not in start["params"]}
     loss_fn = TaskLoss(model, frozen, CLASSIFICATION.loss, ways)
 
     support_x = mx.arange(len(texts))

@@ -32,7 +32,7 @@ Z95 = 1.959963984540054
 Progress = Callable[[str, int, int, dict[str, Any]], None]
 
 
-def _quiet(stage: str, done: int, total: int, info: dict[str, Any]) -> None:
+def no_progress(stage: str, done: int, total: int, info: dict[str, Any]) -> None:
     pass
 
 
@@ -98,7 +98,7 @@ def target_step(spec: JobSpec) -> int:
     return min(spec.inner.steps, spec.eval.steps)
 
 
-def evaluate_job(job: Job, meta, on_progress: Progress = _quiet) -> dict[str, Any]:
+def evaluate_job(job: Job, meta, on_progress: Progress = no_progress) -> dict[str, Any]:
     """Meta-learned init vs baselines on meta-test tasks, for every shot setting
     (a prompted baseline's curve is flat: it takes no steps). With a standard init
     (the random baseline) and ``eval.finetune.steps`` > 0, the standard init is also

@@ -14,17 +14,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import mlx.core as mx
 
 from metapeft_dist.algorithms import MetaAlgorithm, Task, make_algorithm
+from metapeft_dist.algorithms.hyper import Hyper
 from metapeft_dist.config import JobSpec
-from metapeft_dist.models import Model, build_model, is_head, split_trainable
+from metapeft_dist.models import Network, build_model, head_input, is_head, split_trainable
 from metapeft_dist.models.lora import is_adapter
 from metapeft_dist.objectives import Objective, objective_for
 from metapeft_dist.tasks import make_family
-from metapeft_dist.tasks.base import Episode, sample_batch
+from metapeft_dist.tasks.base import Episode, TaskFamily, sample_batch
 from metapeft_dist.tree import Meta, Params
 from metapeft_dist.wire import TreeSpec, decode
 
@@ -34,11 +35,10 @@ LossFn = Callable[[Params, mx.array, mx.array], mx.array]
 @dataclass(frozen=True, eq=False)
 class TaskLoss:
     """The task loss of the trainable parameters, the frozen ones closed over:
-    ``loss(model({**frozen, **params}, x)[..., :ways], y)``. Algorithms that read the
-    model itself (the LoRA hypernetwork computes features of the support set) find the
-    model and the frozen parameters here."""
+    ``loss(model({**frozen, **params}, x)[..., :ways], y)``. The LoRA hypernetwork,
+    which computes features of the support set, reads them through :meth:`head_input`."""
 
-    model: Any
+    model: Network
     frozen: Params
     loss: Callable[[mx.array, mx.array], mx.array]
     ways: int | None = None  # use only the first ``ways`` outputs (a task with fewer labels)
@@ -46,6 +46,15 @@ class TaskLoss:
     def __call__(self, params: Params, x: mx.array, y: mx.array) -> mx.array:
         out = self.model({**self.frozen, **params}, x)
         return self.loss(out if self.ways is None else out[..., :self.ways], y)
+
+    def head_input(self, params: Params, x: mx.array, dim: int) -> mx.array:
+        """What the model's head reads (models.head_input) with ``params`` over the
+        frozen base (a :class:`metapeft_dist.algorithms.hyper.HeadLoss`)."""
+        return head_input(self.model, {**self.frozen, **params}, x, dim)
+
+    @property
+    def logit_scale(self) -> float:
+        return self.model.logit_scale
 
 
 @dataclass
@@ -65,8 +74,8 @@ class Init:
 @dataclass
 class Job:
     spec: JobSpec
-    family: object
-    model: Model
+    family: TaskFamily
+    model: Network
     objective: Objective
     algorithm: MetaAlgorithm
     frozen: Params
@@ -140,7 +149,8 @@ class Job:
 
 
 def to_mx(episode: Episode) -> Task:
-    return tuple(mx.array(a) for a in episode.arrays())  # type: ignore[return-value]
+    support_x, support_y, query_x, query_y = episode.arrays()
+    return mx.array(support_x), mx.array(support_y), mx.array(query_x), mx.array(query_y)
 
 
 def with_family_path(spec: JobSpec, path: str | Path) -> JobSpec:
@@ -166,7 +176,7 @@ def build_job(spec: JobSpec, frozen_frame: bytes | None = None,
     objective = objective_for(info.kind)
     algorithm = make_algorithm(spec)
     job = Job(spec, family, model, objective, algorithm, frozen={}, initial_meta={},
-              files=getattr(family, "files", None))
+              files=family.files)
     params = model.init(mx.random.key(spec.seed))
     if spec.model.base == "pretrained" and frozen_frame is None:
         base = job.pretrained()
@@ -180,10 +190,9 @@ def build_job(spec: JobSpec, frozen_frame: bytes | None = None,
         stored = TreeSpec.of({"frozen": job.stored_frozen()})
         job.frozen = {**frozen, **decode(frozen_frame, stored).tree.get("frozen", {})}
     job.initial_meta = algorithm.init_meta(trainable)
-    if spec.algorithm.name == "hyper":
+    if isinstance(algorithm, Hyper):
         base = trainable if frozen_frame is not None else _hyper_base(spec, trainable)
-        job.initial_meta = algorithm.init_hyper(  # type: ignore[attr-defined]
-            mx.random.key(spec.seed + 2), base)
+        job.initial_meta = algorithm.init_hyper(mx.random.key(spec.seed + 2), base)
     return job
 
 

@@ -60,9 +60,18 @@ class JobMetrics:
                  spend: SpendMeter | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.job, self.algorithm = job, algorithm
+        self._declare_job()
+        self._declare_work()
+        self._declare_workers()
+        self._declare_quality()
+        self._declare_cost()
+        if spend is not None:
+            self.registry.register(_SpendCollector(job, spend))
+        self._lock = threading.Lock()
+
+    def _declare_job(self) -> None:
+        """The job: what it is, when it ran, how far it got."""
         r = self.registry
-        ja = ("job", "algorithm")
-        jn = ("job", "node")
         self._info = Info("metapeft_job", "The job: algorithm, task family, runtime mode",
                           ("job",), registry=r)
         self._running = Gauge("metapeft_job_running",
@@ -78,6 +87,12 @@ class JobMetrics:
                                          registry=r)
         self._iteration = Gauge("metapeft_meta_iteration",
                                 "Meta-iterations completed", ("job",), registry=r)
+
+    def _declare_work(self) -> None:
+        """Tasks, inner steps, outer updates, times and bytes per chunk."""
+        r = self.registry
+        ja = ("job", "algorithm")
+        jn = ("job", "node")
         self._tasks = Counter("metapeft_tasks_completed_total",
                               "Task adaptations whose result reached the parameter server",
                               ("job", "algorithm", "node"), registry=r)
@@ -124,6 +139,10 @@ class JobMetrics:
         self._wire = Counter("metapeft_wire_bytes_total",
                              "Parameter bytes on the wire: to_workers, from_workers",
                              ("job", "direction"), registry=r)
+
+    def _declare_workers(self) -> None:
+        """Workers answering, desired, unable to start."""
+        r = self.registry
         self._workers = Gauge("metapeft_workers", "Workers answering", ("job",), registry=r)
         self._workers_failed = Gauge("metapeft_workers_failed_to_start",
                                      "Workers that could not build the job (their node "
@@ -132,6 +151,11 @@ class JobMetrics:
         self._workers_desired = Gauge("metapeft_workers_desired",
                                       "Workers the job runs when all are up", ("job",),
                                       registry=r)
+
+    def _declare_quality(self) -> None:
+        """Training and meta-validation losses, checkpoints."""
+        r = self.registry
+        job = self.job
         self._train_loss = Gauge("metapeft_meta_train_loss",
                                  "Mean query loss after adaptation, last meta-iteration",
                                  ("job",), registry=r)
@@ -150,6 +174,10 @@ class JobMetrics:
                     ("job",), registry=r)
         age.labels(job).set_function(
             lambda: time.time() - self._checkpoint_time if self._checkpoint_time else math.nan)
+
+    def _declare_cost(self) -> None:
+        """The cost figures of the finished job (cost.cost_summary)."""
+        r = self.registry
         self._budget = Gauge("metapeft_cost_budget_usd",
                              "cost.budget: meta-training spend that should not be exceeded",
                              ("job",), registry=r)
@@ -167,9 +195,6 @@ class JobMetrics:
         self._break_even = Gauge("metapeft_cost_break_even_tasks",
                                  "Tasks served after which meta-training has paid for "
                                  "itself (+Inf: never)", ("job",), registry=r)
-        if spend is not None:
-            self.registry.register(_SpendCollector(job, spend))
-        self._lock = threading.Lock()
 
     # --- the job ------------------------------------------------------------------------
 
@@ -315,39 +340,6 @@ class _SpendCollector(Collector):
         yield reserved
         yield rate
         yield spend
-
-
-class Throughput:
-    """Tasks completed per node in fixed time bins (for the report's throughput plot);
-    the bin width doubles whenever the bins would pass MAX_BINS, so a long run stays
-    small."""
-
-    MAX_BINS = 400
-
-    def __init__(self, bin_seconds: float = 1.0, start: float | None = None):
-        self.bin_seconds = bin_seconds
-        self.start = time.time() if start is None else start
-        self.nodes: dict[str, list[int]] = {}
-        self.end = self.start  # the latest completion: where the last bin really ends
-
-    def add(self, node: str, at: float, tasks: int) -> None:
-        self.end = max(self.end, at)
-        index = max(0, int((at - self.start) // self.bin_seconds))
-        while index >= self.MAX_BINS:
-            self._coarsen()
-            index = max(0, int((at - self.start) // self.bin_seconds))
-        bins = self.nodes.setdefault(node, [])
-        bins.extend([0] * (index + 1 - len(bins)))
-        bins[index] += tasks
-
-    def _coarsen(self) -> None:
-        self.bin_seconds *= 2
-        for node, bins in self.nodes.items():
-            self.nodes[node] = [sum(bins[i:i + 2]) for i in range(0, len(bins), 2)]
-
-    def summary(self) -> dict[str, Any]:
-        return {"bin_seconds": self.bin_seconds, "start": self.start, "end": self.end,
-                "nodes": {node: list(bins) for node, bins in self.nodes.items()}}
 
 
 class MetricsServer:

@@ -25,26 +25,20 @@ import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import yaml
 
 from metapeft_dist.config import JobSpec
 from metapeft_dist.cost import SpendMeter, cost_summary
-from metapeft_dist.evaluate import Evaluator, Progress, evaluate_job
+from metapeft_dist.evaluate import Progress, evaluate_job, no_progress
 from metapeft_dist.job import Init, Job, build_job, with_family_path
 from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics, push_outcome
-from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
+from metapeft_dist.runtime.checkpoint import Checkpoint
 from metapeft_dist.trainer import MetaTrainer
+from metapeft_dist.training import Executor, meta_train
 from metapeft_dist.tree import Meta, num_elements
 from metapeft_dist.wire import encode
-
-VAL_STREAM = 0  # meta-validation always uses the same tasks
-
-
-def _quiet(stage: str, done: int, total: int, info: dict[str, Any]) -> None:
-    pass
-
 
 def platform_info() -> dict[str, Any]:
     """What the numbers were measured on."""
@@ -77,22 +71,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 class RunDirError(RuntimeError):
     """A run directory cannot be used as asked (already holds a run, nothing to resume)."""
-
-
-class Executor(Protocol):
-    """Runs meta-iterations: the in-process MetaTrainer or the Ray driver's RayExecutor."""
-
-    @property
-    def workers(self) -> int:
-        """The MLX workers started (1: this process)."""
-
-    def step(self, iteration: int) -> tuple[float, float]: ...
-    def snapshot(self) -> Meta: ...
-    def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
-                   best: Meta | None = None) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
-    def release(self) -> None: ...
-    def close(self) -> None: ...
 
 
 def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
@@ -135,7 +113,7 @@ def find_resume_point(run_dir: Path, log: Callable[[str], None]) -> tuple[JobSpe
     return spec, checkpoint
 
 
-def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
+def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
             address: str | None = None, resume: Checkpoint | None = None,
             log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Meta-train (from ``resume`` if given), evaluate, write results.json."""
@@ -166,14 +144,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
                 server = MetricsServer(metrics.registry, spec.metrics.address,
                                        spec.metrics.port, log)
                 log(f"metrics at {server.url}")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if resume is None and job.files is not None:
-                spec = keep_task_files(spec, job.files, run_dir)
-            if resume is None:
-                (run_dir / "spec.yaml").write_text(
-                    yaml.safe_dump(spec.to_dict(), sort_keys=False))
-            else:
-                log(f"resuming {run_dir} from iteration {resume.iteration}")
+            spec = open_run_dir(spec, job, run_dir, resume, log)
             metrics.job_started(spec.family.name, spec.runtime.mode, spec.algorithm.iterations,
                                 executor.workers,
                                 spec.runtime.staleness if spec.runtime.mode == "async" else None,
@@ -190,8 +161,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
         finally:
             executor.close()
         evaluation = evaluate_job(job, selected, on_progress)
-        if hasattr(job.model, "export"):  # text models: the init as an adapter to share
-            job.model.export(selected["params"], run_dir / "adapter")
+        job.model.export(selected["params"], run_dir / "adapter")  # text models only
         cost = job_cost(job, selected, evaluation, spend)
         metrics.costs(cost)
         outcome = job_outcome("succeeded", started, totals)
@@ -205,29 +175,48 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = _quiet,
             "meta_parameters": num_elements(job.initial_meta),
             "platform": platform_info(),
             "metrics_url": server.url if server else None,
-            "runtime": runtime,
-            "meta_training": training,
-            "evaluation": evaluation,
-            "cost": cost,
-            "outcome": outcome,
+            "runtime": runtime, "meta_training": training, "evaluation": evaluation,
+            "cost": cost, "outcome": outcome,
         }
         write_json_atomic(run_dir / "results.json", results)
     except BaseException as err:
         outcome = job_outcome(ended_by(err), started, totals, f"{type(err).__name__}: {err}")
         raise
     finally:
-        metrics.job_ended(outcome["status"])
-        if run_dir.is_dir():
-            write_json_atomic(run_dir / "outcome.json", outcome)
-        if server is not None:
-            server.stop(spec.metrics.linger)
-        if spec.metrics.pushgateway:
-            try:
-                push_outcome(spec.metrics.pushgateway, spec.name, outcome)
-            except OSError as push_err:
-                log(f"could not push the outcome to {spec.metrics.pushgateway}: {push_err}")
+        end_run(spec, run_dir, metrics, server, outcome, log)
     on_progress("done", 1, 1, {"results": str(run_dir / "results.json")})
     return results
+
+
+def open_run_dir(spec: JobSpec, job: Job, run_dir: Path, resume: Checkpoint | None,
+                 log: Callable[[str], None]) -> JobSpec:
+    """Create the run directory; a new run writes its spec.yaml there, with the task
+    files it keeps (returns the spec that names them)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        log(f"resuming {run_dir} from iteration {resume.iteration}")
+        return spec
+    if job.files is not None:
+        spec = keep_task_files(spec, job.files, run_dir)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    return spec
+
+
+def end_run(spec: JobSpec, run_dir: Path, metrics: JobMetrics, server: MetricsServer | None,
+            outcome: dict[str, Any], log: Callable[[str], None]) -> None:
+    """However the run ended: its outcome recorded (metrics, outcome.json, the
+    Pushgateway when one is set; a failure to push is logged, not raised), the metrics
+    server stopped after ``metrics.linger``."""
+    metrics.job_ended(outcome["status"])
+    if run_dir.is_dir():
+        write_json_atomic(run_dir / "outcome.json", outcome)
+    if server is not None:
+        server.stop(spec.metrics.linger)
+    if spec.metrics.pushgateway:
+        try:
+            push_outcome(spec.metrics.pushgateway, spec.name, outcome)
+        except OSError as push_err:
+            log(f"could not push the outcome to {spec.metrics.pushgateway}: {push_err}")
 
 
 def ended_by(err: BaseException) -> str:
@@ -300,148 +289,3 @@ def adaptation_cost(job: Job, selected: Meta, evaluation: dict[str, Any], spend_
                         summary["target"], shots, **extra)
     cost["standard_init"] = "random" if "random" in inits else None
     return cost
-
-
-class History:
-    """The training curve and meta-validation scores, one JSON line per entry in
-    RUN_DIR/history.jsonl, so a resumed run keeps what came before its checkpoint."""
-
-    def __init__(self, path: Path, resume_at: int | None):
-        self.path = path
-        self.curve: list[dict[str, Any]] = []
-        self.validation: list[dict[str, Any]] = []
-        if resume_at is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                entry = json.loads(line)
-                if entry["iteration"] <= resume_at:
-                    getattr(self, entry.pop("kind")).append(entry)
-        self._file = open(path, "w")
-        for kind in ("curve", "validation"):
-            for entry in getattr(self, kind):
-                self._write(kind, entry)
-
-    def _write(self, kind: str, entry: dict[str, Any]) -> None:
-        self._file.write(json.dumps({"kind": kind, **entry}) + "\n")
-        self._file.flush()
-
-    def add(self, kind: str, entry: dict[str, Any]) -> None:
-        getattr(self, kind).append(entry)
-        self._write(kind, entry)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progress = _quiet,
-               resume: Checkpoint | None = None, metrics: JobMetrics | None = None,
-               spend: SpendMeter | None = None) -> tuple[dict[str, Any], Meta]:
-    """Meta-train from the start or from ``resume``; returns (summary, the selected
-    meta-parameters).
-
-    With ``eval.select: best`` the selected init is the one with the best meta-validation
-    metric (also saved as checkpoints/best.safetensors), else the last one. Periodic
-    checkpoints carry the best init so far, so a resumed run selects exactly as an
-    uninterrupted one would. Checkpoints carry the nodes' reserved seconds so far
-    (``spend``, the meter the executor holds its nodes on), so a resumed run's cost
-    counts the sessions before it.
-    """
-    spec = job.spec
-    metrics = metrics if metrics is not None else NoMetrics()
-    spend = spend if spend is not None else SpendMeter({})
-    checkpoint_dir = run_dir / "checkpoints"
-    iterations = spec.algorithm.iterations
-    start = resume.iteration if resume else 0
-    better = (lambda a, b: a > b) if job.objective.higher_is_better else (lambda a, b: a < b)
-    best: tuple[int, float, Meta] | None = None
-    seconds = 0.0
-    if resume is not None:
-        seconds = resume.info.get("train_seconds", 0.0)
-        if resume.best is not None:
-            best = (resume.info["best_iteration"], resume.info["best_metric"], resume.best)
-    every_val, every_ckpt = spec.eval.every, spec.checkpoint.every
-    log_every = max(1, iterations // 200)
-    validator = Evaluator(job, spec.inner.steps, with_loss=True) if every_val else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    history = History(run_dir / "history.jsonl", start if resume else None)
-    window_loss = window_norm = 0.0
-    window = 0
-
-    def info() -> dict[str, Any]:
-        out = {"job": spec.name, "algorithm": job.algorithm.name, "mode": spec.runtime.mode,
-               "train_seconds": seconds,
-               "reserved_seconds": spend.reserved_seconds()}
-        if best is not None:
-            out.update(best_iteration=best[0], best_metric=best[1])
-        return out
-
-    def checkpoint(iteration: int) -> Path:
-        path = checkpoint_path(checkpoint_dir, iteration)
-        executor.checkpoint(str(path), iteration, info(), best[2] if best else None)
-        metrics.checkpointed()
-        prune_checkpoints(checkpoint_dir, spec.checkpoint.keep, protect={iterations})
-        return path
-
-    try:
-        for it in range(start, iterations):
-            t0 = time.perf_counter()
-            loss, norm = executor.step(it)
-            seconds += time.perf_counter() - t0
-            window_loss += loss
-            window_norm += norm
-            window += 1
-            done = it + 1
-            metrics.iteration_done(done, loss)
-            progress: dict[str, Any] = {"loss": loss}
-            if done % log_every == 0 or done == iterations:
-                history.add("curve", {"iteration": done, "loss": window_loss / window,
-                                      "grad_norm": window_norm / window})
-                window_loss = window_norm = 0.0
-                window = 0
-            if validator is not None and (done % every_val == 0 or done == iterations):
-                current = executor.snapshot()
-                metric, val_loss = validate(job, validator, current)
-                metrics.validated(val_loss, metric if spec.is_classification else None)
-                entry = {"iteration": done, job.objective.metric_name: metric}
-                if spec.is_classification:
-                    entry["loss"] = val_loss
-                history.add("validation", entry)
-                progress["val"] = metric
-                if spec.eval.select == "best" and (best is None or better(metric, best[1])):
-                    best = (done, metric, current)
-                    executor.checkpoint(str(checkpoint_dir / "best.safetensors"), done,
-                                        {**info(), "val": metric})
-            if every_ckpt and done % every_ckpt == 0 and done < iterations:
-                checkpoint(done)
-            on_progress("meta-train", done, iterations, progress)
-        final = checkpoint_path(checkpoint_dir, iterations)
-        if start < iterations or not final.is_file():
-            final = checkpoint(iterations)
-    finally:
-        history.close()
-    selected_iteration = best[0] if best else iterations
-    selected = best[2] if best else executor.snapshot()
-    trained = iterations - start
-    session_seconds = seconds - (resume.info.get("train_seconds", 0.0) if resume else 0.0)
-    return {
-        "iterations": iterations,
-        "seconds": seconds,
-        "iterations_per_second": trained / session_seconds if session_seconds > 0 else None,
-        "tasks_per_second": (trained * spec.algorithm.meta_batch / session_seconds
-                             if session_seconds > 0 else None),
-        "curve": history.curve,
-        "validation": history.validation,
-        "checkpoint": str(final),
-        "selected_iteration": selected_iteration,
-        "selected_checkpoint": str(checkpoint_dir / "best.safetensors") if best else str(final),
-    }, selected
-
-
-def validate(job: Job, validator: Evaluator, meta: Meta) -> tuple[float, float]:
-    """(metric, query loss) after adaptation, meta-validation tasks' mean."""
-    spec = job.spec
-    curves = validator.curves(Init("meta", meta, job.frozen), "val", spec.family.shots,
-                              spec.eval.val_tasks, VAL_STREAM, spec.eval.chunk)
-    if validator.with_loss:
-        return float(curves[:, -2].mean()), float(curves[:, -1].mean())
-    value = float(curves[:, -1].mean())
-    return value, value

@@ -20,7 +20,8 @@ from metapeft_dist.algorithms import Task
 from metapeft_dist.algorithms.outer import make_optimizer, meta_holder, outer_update
 from metapeft_dist.cost import SpendMeter
 from metapeft_dist.job import Job
-from metapeft_dist.metrics import JobMetrics, NoMetrics, Throughput
+from metapeft_dist.metrics import JobMetrics, NoMetrics
+from metapeft_dist.throughput import Throughput
 from metapeft_dist.runtime.checkpoint import save_checkpoint
 from metapeft_dist.tree import Meta
 
@@ -125,7 +126,7 @@ class MetaTrainer:
             self._prefetch = Prefetcher(self.job, iteration)
         return self._prefetch.batch(iteration)
 
-    # --- the executor interface (see runner.Executor) -------------------------------------
+    # --- the executor interface (see training.Executor) -------------------------------------
 
     workers = 1  # this process
 

@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from metapeft_dist.cost import SpendMeter
-from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics, Throughput
+from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics
+from metapeft_dist.throughput import Throughput
 
 ALLOWED_LABELS = {"job", "algorithm", "node", "direction", "init", "status", "le",
                   "family", "mode"}  # family and mode: the job's info metric only

@@ -72,7 +72,7 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
 
 def test_the_selected_init_is_the_best_validated_one(tmp_path, tiny_spec_text):
     from metapeft_dist.job import build_job
-    from metapeft_dist.runner import meta_train
+    from metapeft_dist.training import meta_train
     from metapeft_dist.trainer import MetaTrainer
 
     spec = parse_spec(tiny_spec_text, overrides=["eval.every=5"])

@@ -62,6 +62,7 @@ Meta-parameters without ``hyper`` (the standard-init and head-only baselines) ad
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -72,6 +73,20 @@ from metapeft_dist.models.mlp import init_linear
 from metapeft_dist.tree import Meta, Params
 
 METRIC_SCALE = 10.0  # the metric scale's start, per unit of mean |z|^2
+
+
+class HeadLoss(Protocol):
+    """A task loss (``loss(params, x, y)``) that also shows what its model's head reads
+    (job.TaskLoss): the hypernetwork computes the support set's features with it."""
+
+    logit_scale: float  # the model's: its head's output is multiplied by this
+
+    def __call__(self, params: Params, x: mx.array, y: mx.array) -> mx.array: ...
+
+    def head_input(self, params: Params, x: mx.array, dim: int) -> mx.array:
+        """(..., dim): what the head reads for inputs ``x``, times ``logit_scale``, with
+        ``params`` over the frozen base."""
+        ...
 
 # --- pure pieces ---------------------------------------------------------------------
 
@@ -171,23 +186,20 @@ class Hyper(MAML):
                                                        (self.map_rank, self.task_dim), key=k)
         return {"params": dict(params), "hyper": hyper}
 
-    def generate(self, meta: Meta, loss_fn, x: mx.array, y: mx.array) -> Params:
-        """Adapters and head for the task whose support set is (x, y). The model and
-        its frozen base are the loss's (:class:`metapeft_dist.job.TaskLoss`)."""
-        from metapeft_dist.embed.probe import head_input
-
+    def generate(self, meta: Meta, loss_fn: HeadLoss, x: mx.array, y: mx.array) -> Params:
+        """Adapters and head for the task whose support set is (x, y), read through the
+        loss's model and frozen base."""
         params, hyper = meta["params"], meta["hyper"]
         ways, dim = params["head.w"].shape
-        model, base = loss_fn.model, loss_fn.frozen
-        probe = mx.stop_gradient(head_input(model, base, x, dim))
+        probe = mx.stop_gradient(loss_fn.head_input({}, x, dim))
         t = task_vector(hyper, probe, y, ways)
         adapters = generate_adapters(hyper, {k: v for k, v in params.items() if is_adapter(k)},
                                      t)
         if self.prune > 0:
             adapters = prune_rank(adapters, self.prune)
-        z = head_input(model, {**base, **adapters}, x, dim) / model.logit_scale
+        z = loss_fn.head_input(adapters, x, dim) / loss_fn.logit_scale
         scale = mx.exp(hyper["metric.log_scale"]) / mx.mean((z * z).sum(axis=-1))
-        return {**adapters, **proto_head(z, y, ways, scale, model.logit_scale)}
+        return {**adapters, **proto_head(z, y, ways, scale, loss_fn.logit_scale)}
 
     def adapt(self, meta: Meta, loss_fn, x: mx.array, y: mx.array, steps: int | None = None,
               first_order: bool = False) -> list[Params]:

@@ -708,28 +708,7 @@ class JobSpec:
                 else f"{kind} needs a text family ({', '.join(TEXT_FAMILIES)}), "
                 f"not {self.family.name}",
             )
-            if self.eval.baselines is None:
-                object.__setattr__(self.eval, "baselines", {
-                    "encoder": ("random", "head"), "causal_lm": ("random",)}.get(
-                        kind, ("random", "pretrained")))
-            check(
-                kind not in ("encoder", "causal_lm") or "pretrained" not in self.eval.baselines,
-                "eval.baselines",
-                f"pretrained does not apply to the {kind} (its base is pretrained already)"
-                + ("; compare with head" if kind == "encoder" else ""),
-            )
-            prompted = [b for b in self.eval.baselines if b in PROMPTED]
-            check(
-                kind == "causal_lm" or not prompted,
-                "eval.baselines",
-                f"{', '.join(prompted)} (prompting with the support set) applies to kind "
-                f"causal_lm, not {kind}",
-            )
-            check(
-                kind != "causal_lm" or "head" not in self.eval.baselines,
-                "eval.baselines",
-                "head does not apply to causal_lm: it has no head (labels are verbalized)",
-            )
+            self._check_baselines(check, kind)
             check(
                 kind != "causal_lm" or (self.family.ways or 0) <= 26,
                 "family.ways",
@@ -752,6 +731,31 @@ class JobSpec:
                 "serial Reptile updates after every task, so its tasks cannot run in "
                 "parallel; use runtime.mode: local",
             )
+
+    def _check_baselines(self, check: Checks, kind: str) -> None:
+        """eval.baselines: the model kind's default, and only baselines that apply."""
+        if self.eval.baselines is None:
+            object.__setattr__(self.eval, "baselines", {
+                "encoder": ("random", "head"), "causal_lm": ("random",)}.get(
+                    kind, ("random", "pretrained")))
+        check(
+            kind not in ("encoder", "causal_lm") or "pretrained" not in self.eval.baselines,
+            "eval.baselines",
+            f"pretrained does not apply to the {kind} (its base is pretrained already)"
+            + ("; compare with head" if kind == "encoder" else ""),
+        )
+        prompted = [b for b in self.eval.baselines if b in PROMPTED]
+        check(
+            kind == "causal_lm" or not prompted,
+            "eval.baselines",
+            f"{', '.join(prompted)} (prompting with the support set) applies to kind "
+            f"causal_lm, not {kind}",
+        )
+        check(
+            kind != "causal_lm" or "head" not in self.eval.baselines,
+            "eval.baselines",
+            "head does not apply to causal_lm: it has no head (labels are verbalized)",
+        )
 
     @property
     def is_classification(self) -> bool:

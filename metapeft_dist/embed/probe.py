@@ -22,7 +22,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from metapeft_dist.models import is_head
+from metapeft_dist.models import Classifier, Network, head_input, is_head
 from metapeft_dist.models.lora import is_adapter
 from metapeft_dist.tree import Params
 
@@ -54,7 +54,7 @@ class Probe:
     given head on given base weights (for the Fisher information)."""
 
     name: str  # what the features depend on (model, base); equal names, comparable features
-    model: object
+    model: Classifier
     params: Params  # base weights, cached inputs; no head, no adapters
     base_names: tuple[str, ...]  # the weights Task2Vec differentiates
     dim: int
@@ -77,17 +77,9 @@ class Probe:
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
-def head_input(model, params: Params, x: mx.array, dim: int) -> mx.array:
-    """What the head of ``model`` reads for inputs ``x``: (..., dim), times the model's
-    ``logit_scale``; the model run on ``params`` (any head in them is replaced) with an
-    identity head."""
-    identity = {"head.w": mx.eye(dim), "head.b": mx.zeros((dim,))}
-    return model.with_out_dim(dim)({**params, **identity}, x)
-
-
-def probe_from_model(model, params: Params, name: str) -> Probe:
+def probe_from_model(model: Network, params: Params, name: str) -> Probe:
     """A probe from a classification model and parameters holding its base."""
-    if getattr(model, "kind", None) == "causal_lm":
+    if model.kind == "causal_lm":
         raise ProbeError("task embeddings need a model with a classification head "
                          "(encoder, mlp or conv); a causal LM classifies by verbalized labels")
     if "head.w" not in params:

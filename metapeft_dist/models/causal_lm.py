@@ -108,6 +108,7 @@ class CausalLMModel:
     out_dim: int
     texts: tuple[str, ...] = field(compare=False, hash=False, repr=False, default=())
     kind: str = "causal_lm"
+    logit_scale = 1.0  # the LM's logits of the label tokens as they are (not a field)
 
     def module(self) -> nn.Module:
         """The process's mlx-lm module for this path and LoRA configuration."""

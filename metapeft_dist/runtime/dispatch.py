@@ -18,7 +18,8 @@ import ray
 
 from metapeft_dist.config import JobSpec
 from metapeft_dist.cost import SpendMeter
-from metapeft_dist.metrics import JobMetrics, Throughput
+from metapeft_dist.metrics import JobMetrics
+from metapeft_dist.throughput import Throughput
 from metapeft_dist.runtime.pool import LOST, WorkerPool
 
 WAIT_SECONDS = 0.5

@@ -78,7 +78,7 @@ class RayExecutor:
                           resume_path, job.files)
         return ps, name
 
-    # --- the executor interface (see runner.Executor) -----------------------------------
+    # --- the executor interface (see training.Executor) -----------------------------------
 
     @property
     def workers(self) -> int:

@@ -69,6 +69,9 @@ def stack(episodes: Sequence[Episode]) -> Episode:
 class TaskFamily(Protocol):
     info: FamilyInfo
     ways: int | None  # None for regression
+    # the user's task files the family was built from, by name (jsonl); None for the
+    # built-in families, which every machine has
+    files: dict[str, bytes] | None
 
     def sample(self, key: TaskKey, shots: int, query: int) -> Episode: ...
 

@@ -58,6 +58,7 @@ def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 class Digits:
     info = FAMILIES["digits"]
+    files = None
 
     def __init__(self, ways: int, augment: bool = False):
         self.ways = ways

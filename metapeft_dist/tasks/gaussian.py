@@ -27,6 +27,7 @@ class Gaussian:
     info = FAMILIES["gaussian"]
     ways = 2
     pretrain_outputs = 2
+    files = None
 
     @staticmethod
     def draw_task(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ class Sinusoid:
     info = FAMILIES["sinusoid"]
     ways = None
     pretrain_outputs = 1
+    files = None
 
     @staticmethod
     def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, float, float]:

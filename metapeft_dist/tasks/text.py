@@ -115,6 +115,8 @@ def draw(rng: np.random.Generator, classes: tuple[int, ...], members: list[np.nd
 class CorpusFamily:
     """A family whose tasks are ``ways`` categories of one split of ``corpus``."""
 
+    files = None
+
     def __init__(self, corpus: TextCorpus, splits: dict[str, tuple[int, ...]], ways: int):
         self.corpus = corpus
         self.splits = splits

@@ -1,0 +1,210 @@
+"""The meta-training loop over an :class:`Executor` (the in-process MetaTrainer or the
+Ray driver): steps, the training curve, meta-validation, checkpoints, and the
+choice of the init the run ends with.
+
+With ``eval.select: best`` the selected init is the one with the best meta-validation
+metric (also saved as checkpoints/best.safetensors), else the last one. Periodic
+checkpoints carry the best init so far, so a resumed run selects exactly as an
+uninterrupted one would. Checkpoints carry the nodes' reserved seconds so far (the cost
+meter the executor holds its nodes on), so a resumed run's cost counts the sessions
+before it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from metapeft_dist.cost import SpendMeter
+from metapeft_dist.evaluate import Evaluator, Progress, no_progress
+from metapeft_dist.job import Init, Job
+from metapeft_dist.metrics import JobMetrics, NoMetrics
+from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
+from metapeft_dist.tree import Meta
+
+VAL_STREAM = 0  # meta-validation always uses the same tasks
+
+
+class Executor(Protocol):
+    """Runs meta-iterations: the in-process MetaTrainer (trainer.py) or the Ray driver's
+    RayExecutor (runtime/driver.py); runner.make_executor makes the one a job asks for."""
+
+    @property
+    def workers(self) -> int:
+        """The MLX workers started (1: this process)."""
+
+    def step(self, iteration: int) -> tuple[float, float]: ...
+    def snapshot(self) -> Meta: ...
+    def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
+                   best: Meta | None = None) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def release(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class History:
+    """The training curve and meta-validation scores, one JSON line per entry in
+    RUN_DIR/history.jsonl, so a resumed run keeps what came before its checkpoint."""
+
+    def __init__(self, path: Path, resume_at: int | None):
+        self.path = path
+        self.curve: list[dict[str, Any]] = []
+        self.validation: list[dict[str, Any]] = []
+        if resume_at is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["iteration"] <= resume_at:
+                    getattr(self, entry.pop("kind")).append(entry)
+        self._file = open(path, "w")
+        for kind in ("curve", "validation"):
+            for entry in getattr(self, kind):
+                self._write(kind, entry)
+
+    def _write(self, kind: str, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps({"kind": kind, **entry}) + "\n")
+        self._file.flush()
+
+    def add(self, kind: str, entry: dict[str, Any]) -> None:
+        getattr(self, kind).append(entry)
+        self._write(kind, entry)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetaTraining:
+    """One session of meta-training a run: from the start, or from ``resume``."""
+
+    def __init__(self, job: Job, executor: Executor, run_dir: Path,
+                 resume: Checkpoint | None, metrics: JobMetrics, spend: SpendMeter):
+        self.job, self.executor, self.metrics, self.spend = job, executor, metrics, spend
+        self.spec = spec = job.spec
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.iterations = spec.algorithm.iterations
+        self.start = resume.iteration if resume else 0
+        self.best: tuple[int, float, Meta] | None = None  # (iteration, metric, meta)
+        self.seconds = 0.0  # meta-training so far, sessions before this one included
+        self.seconds_before = 0.0
+        if resume is not None:
+            self.seconds = self.seconds_before = resume.info.get("train_seconds", 0.0)
+            if resume.best is not None:
+                self.best = (resume.info["best_iteration"], resume.info["best_metric"],
+                             resume.best)
+        self.validator = (Evaluator(job, spec.inner.steps, with_loss=True)
+                          if spec.eval.every else None)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.history = History(run_dir / "history.jsonl", self.start if resume else None)
+
+    def info(self) -> dict[str, Any]:
+        """What a checkpoint carries besides the tensors."""
+        out = {"job": self.spec.name, "algorithm": self.job.algorithm.name,
+               "mode": self.spec.runtime.mode, "train_seconds": self.seconds,
+               "reserved_seconds": self.spend.reserved_seconds()}
+        if self.best is not None:
+            out.update(best_iteration=self.best[0], best_metric=self.best[1])
+        return out
+
+    def checkpoint(self, iteration: int) -> Path:
+        path = checkpoint_path(self.checkpoint_dir, iteration)
+        self.executor.checkpoint(str(path), iteration, self.info(),
+                                 self.best[2] if self.best else None)
+        self.metrics.checkpointed()
+        prune_checkpoints(self.checkpoint_dir, self.spec.checkpoint.keep,
+                          protect={self.iterations})
+        return path
+
+    def validate(self, done: int) -> float:
+        """Meta-validate the current init after iteration ``done``; keep it (and save
+        it as best.safetensors) when it is the best so far and the run selects so."""
+        job, spec = self.job, self.spec
+        current = self.executor.snapshot()
+        metric, val_loss = validate(job, self.validator, current)
+        self.metrics.validated(val_loss, metric if spec.is_classification else None)
+        entry = {"iteration": done, job.objective.metric_name: metric}
+        if spec.is_classification:
+            entry["loss"] = val_loss
+        self.history.add("validation", entry)
+        better = (lambda a, b: a > b) if job.objective.higher_is_better else (lambda a, b: a < b)
+        if spec.eval.select == "best" and (self.best is None or better(metric, self.best[1])):
+            self.best = (done, metric, current)
+            self.executor.checkpoint(str(self.checkpoint_dir / "best.safetensors"), done,
+                                     {**self.info(), "val": metric})
+        return metric
+
+    def run(self, on_progress: Progress) -> Path:
+        """Meta-train to the last iteration; returns its checkpoint."""
+        iterations, every_val = self.iterations, self.spec.eval.every
+        every_ckpt = self.spec.checkpoint.every
+        log_every = max(1, iterations // 200)
+        window: list[tuple[float, float]] = []  # (loss, norm) since the last curve point
+        for it in range(self.start, iterations):
+            t0 = time.perf_counter()
+            loss, norm = self.executor.step(it)
+            self.seconds += time.perf_counter() - t0
+            window.append((loss, norm))
+            done = it + 1
+            self.metrics.iteration_done(done, loss)
+            progress: dict[str, Any] = {"loss": loss}
+            if done % log_every == 0 or done == iterations:
+                self.history.add("curve", {"iteration": done,
+                                           "loss": sum(w[0] for w in window) / len(window),
+                                           "grad_norm": sum(w[1] for w in window) / len(window)})
+                window = []
+            if self.validator is not None and (done % every_val == 0 or done == iterations):
+                progress["val"] = self.validate(done)
+            if every_ckpt and done % every_ckpt == 0 and done < iterations:
+                self.checkpoint(done)
+            on_progress("meta-train", done, iterations, progress)
+        final = checkpoint_path(self.checkpoint_dir, iterations)
+        if self.start < iterations or not final.is_file():
+            final = self.checkpoint(iterations)
+        return final
+
+    def summary(self, final: Path) -> dict[str, Any]:
+        """results.json's meta_training section."""
+        trained = self.iterations - self.start
+        session = self.seconds - self.seconds_before
+        best = self.best
+        return {
+            "iterations": self.iterations,
+            "seconds": self.seconds,
+            "iterations_per_second": trained / session if session > 0 else None,
+            "tasks_per_second": (trained * self.spec.algorithm.meta_batch / session
+                                 if session > 0 else None),
+            "curve": self.history.curve,
+            "validation": self.history.validation,
+            "checkpoint": str(final),
+            "selected_iteration": best[0] if best else self.iterations,
+            "selected_checkpoint": (str(self.checkpoint_dir / "best.safetensors") if best
+                                    else str(final)),
+        }
+
+
+def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progress = no_progress,
+               resume: Checkpoint | None = None, metrics: JobMetrics | None = None,
+               spend: SpendMeter | None = None) -> tuple[dict[str, Any], Meta]:
+    """Meta-train from the start or from ``resume`` (module docstring); returns
+    (results.json's meta_training section, the selected meta-parameters). ``spend`` is
+    the cost meter the executor holds its nodes on."""
+    training = MetaTraining(job, executor, run_dir, resume,
+                            metrics if metrics is not None else NoMetrics(),
+                            spend if spend is not None else SpendMeter({}))
+    try:
+        final = training.run(on_progress)
+    finally:
+        training.history.close()
+    selected = training.best[2] if training.best else executor.snapshot()
+    return training.summary(final), selected
+
+
+def validate(job: Job, validator: Evaluator, meta: Meta) -> tuple[float, float]:
+    """(metric, query loss) after adaptation, meta-validation tasks' mean."""
+    spec = job.spec
+    curves = validator.curves(Init("meta", meta, job.frozen), "val", spec.family.shots,
+                              spec.eval.val_tasks, VAL_STREAM, spec.eval.chunk)
+    if validator.with_loss:
+        return float(curves[:, -2].mean()), float(curves[:, -1].mean())
+    value = float(curves[:, -1].mean())
+    return value, value
