@@ -55,7 +55,10 @@ def connect(address: str | None, workers: int | None) -> bool:
         except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError ...
             raise ClusterError(f"cannot reach the Ray cluster at {address}: {err}") from None
         return False
-    ray.init(num_cpus=max(1, os.cpu_count() or 1),
+    # "local": a Ray of its own even when another runs on this machine (a `ray start`
+    # head, a test cluster) or RAY_ADDRESS names one; without it ray.init would join
+    # that one and refuse the resources asked for here.
+    ray.init(address="local", num_cpus=max(1, os.cpu_count() or 1),
              resources={"mlx": workers or default_local_workers()},
              include_dashboard=False, logging_level="WARNING", log_to_driver=True,
              _system_config={"max_direct_call_object_size": INLINE_RESULT_BYTES})
