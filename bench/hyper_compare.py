@@ -26,7 +26,8 @@ import metapeft_dist  # noqa: E402,F401  (loads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
 from metapeft_dist.rundir import load_run  # noqa: E402
-from metapeft_dist.evaluate import Evaluator, mean_ci95  # noqa: E402
+from metapeft_dist.curves import mean_ci95  # noqa: E402
+from metapeft_dist.evaluate import Evaluator  # noqa: E402
 from metapeft_dist.job import Init, build_job  # noqa: E402
 
 STEPS = 10

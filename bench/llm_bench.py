@@ -16,7 +16,7 @@ run of it), then evaluates the run's selected init on ``--tasks`` meta-test task
   with under 10 examples, over 20 points above the standard init);
 - Experiment 2, steps to the target (what the meta-learned init reaches after its inner
   steps): the meta-learned init vs the standard init fine-tuned with mlx-lm's Adam
-  (evaluate.Finetune, up to eval.finetune.steps) at the job's shot count;
+  (finetune.Finetune, up to eval.finetune.steps) at the job's shot count;
 - RQ3: the amortized cost at 50 tasks against the standard init's per-task cost, and the
   break-even task count, from the run's measured meta-training spend and the measured
   seconds per step of one task;

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.config import load_spec
-from metapeft_dist.evaluate import mean_ci95
+from metapeft_dist.curves import mean_ci95
 from metapeft_dist.job import build_job
 from metapeft_dist.models.in_context import InContext
 

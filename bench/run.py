@@ -16,6 +16,9 @@ Sections:
   distributed  tasks/s with 1 and 2 Ray workers on ~0.2 s tasks, framework overhead
             per task against the same computation in-process, parameter-server update
             latency and wire bytes per task
+  evaluation  a final evaluation of the quickstart's size on 1 and 2 Ray workers (cold:
+            with their compile; warm) and in-process, paired per round, and whether the
+            curves are the same bits
   metrics   tasks/s with metrics recorded, served and scraped vs metrics off (embedded
             Ray with 2 workers, and in-process), paired per round
   text      LoRA inits for the MiniLM encoder meta-learned on WordNet supersenses and
@@ -281,6 +284,77 @@ def bench_distributed(rounds: int = 5) -> dict:
     return {"rounds": rows, "median": med, "full_weights_bytes": full}
 
 
+EVALUATION_SPEC = """
+name: bench-evaluation
+family: {name: digits, ways: 5, shots: 1, query: 15}
+model: {kind: mlp, hidden: [64, 64]}
+algorithm: {name: maml, meta_batch: 16, iterations: 1}
+runtime: {mode: sync, chunk: 8}
+inner: {steps: 3, lr: 0.4}
+eval: {tasks: 600, shots: [1, 5], steps: 10, chunk: 50, baselines: [random, head],
+       finetune: {steps: 0}}
+"""
+
+
+def bench_evaluation(rounds: int = 3) -> dict:
+    """The final evaluation of the quickstart's size (600 digits tasks at 1 and 5 shots,
+    3 inits, 10 steps, no fine-tune) on the embedded Ray's workers, 1 and 2 of them,
+    and in this process; per round all three back to back, the ratios paired within it.
+    Each Ray evaluation is timed twice on the same workers: cold (their first, which
+    compiles, as in a run) and warm."""
+    import ray
+
+    from metapeft_dist.config import parse_spec
+    from metapeft_dist.evaluate import evaluate_job
+    from metapeft_dist.runtime.connection import connect
+    from metapeft_dist.runtime.driver import RayExecutor
+
+    job = build_job(parse_spec(EVALUATION_SPEC))
+    meta = job.initial_meta
+
+    def on_ray(workers: int) -> tuple[float, float, dict]:
+        connect(None, workers)
+        try:
+            executor = RayExecutor(job)
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                result = evaluate_job(job, meta, scorer=executor.scorer())
+                times.append(time.perf_counter() - t0)
+            executor.close()
+        finally:
+            ray.shutdown()
+        return times[0], times[1], result
+
+    def here() -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        result = evaluate_job(job, meta)
+        return time.perf_counter() - t0, result
+
+    rows = []
+    for r in range(rounds):
+        local_seconds, local = here()
+        one_cold, one_warm, one = on_ray(1)
+        two_cold, two_warm, two = on_ray(2)
+        same = one["shots"] == local["shots"] == two["shots"]
+        row = {"in_process": local_seconds, "one_cold": one_cold, "one_warm": one_warm,
+               "two_cold": two_cold, "two_warm": two_warm,
+               "speedup_cold": one_cold / two_cold, "speedup_warm": one_warm / two_warm,
+               "equal_to_in_process": same}
+        rows.append(row)
+        print(f"round {r + 1}: in-process {local_seconds:.2f} s; 1 worker {one_cold:.2f} s "
+              f"cold, {one_warm:.2f} s warm; 2 workers {two_cold:.2f} s cold, "
+              f"{two_warm:.2f} s warm: speedup {row['speedup_cold']:.2f}x cold, "
+              f"{row['speedup_warm']:.2f}x warm; curves equal to in-process: {same}",
+              flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]
+           if k != "equal_to_in_process"}
+    print(f"median of {rounds} rounds: 2 workers over 1 {med['speedup_cold']:.2f}x cold, "
+          f"{med['speedup_warm']:.2f}x warm (target >= 1.6x); 2 workers "
+          f"{med['two_cold']:.2f} s cold against {med['in_process']:.2f} s in-process")
+    return {"rounds": rows, "median": med}
+
+
 METRICS_SPEC = """
 name: bench-metrics
 family: {name: digits, ways: 5, shots: 1, query: 15}
@@ -487,7 +561,8 @@ def bench_llm_section() -> dict:
 
 SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
             "digits": bench_digits, "gaussian": bench_gaussian,
-            "distributed": bench_distributed, "metrics": bench_metrics,
+            "distributed": bench_distributed, "evaluation": bench_evaluation,
+            "metrics": bench_metrics,
             "text": bench_text_section, "select": bench_select_section,
             "hyper": bench_hyper_section, "llm": bench_llm_section}
 

@@ -259,7 +259,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                  cache: Path | None = None, query: int = QUERY, cv: bool = False,
                  shots: int = SHOTS) -> dict:
     from metapeft_dist.centroids import run_centroid
-    from metapeft_dist.evaluate import mean_ci95
+    from metapeft_dist.curves import mean_ci95
     from metapeft_dist.rundir import run_evaluation
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
                                          global_best)

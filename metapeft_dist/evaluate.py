@@ -1,31 +1,29 @@
-"""Few-shot evaluation: adaptation curves on held-out tasks, confidence intervals and
-steps-to-target, and the standard init fine-tuned to the target (what a task costs
-without meta-learning).
+"""Few-shot evaluation: adaptation curves on held-out tasks (their statistics in
+curves.py), and the standard init fine-tuned to the target (finetune.py: what a task
+costs without meta-learning).
 
 Every init (the meta-learned one and the baselines) is adapted on the *same* tasks,
 keyed (seed, split, stream, index), so differences between inits are paired. A
 prompted init (``Init.prompted``: a causal LM's ``in_context`` baseline) is not adapted
 but scored by in-context prompting with each task's support set
-(:func:`in_context_curves`), on the same tasks.
+(:func:`in_context_piece`), on the same tasks.
 :func:`evaluate_job` is a run's final evaluation (results.json's ``evaluation``), and
 ``metapeft eval``'s on other tasks.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.algorithms.base import map_tasks
-from metapeft_dist.config.schema import MLX_LM_LR, MLX_LM_SCALE, JobSpec
+from metapeft_dist.config.schema import JobSpec
+from metapeft_dist.curves import summarize
+from metapeft_dist.finetune import FINETUNE_EVERY, Finetune, median_seconds
 from metapeft_dist.job import Init, Job, TaskLoss, to_mx
-from metapeft_dist.tree import Params
-
-Z95 = 1.959963984540054
 
 # on_progress(stage, done, total, info): a run's stages are "setup", "meta-train",
 # "evaluate", "done"; an evaluation reports "evaluate".
@@ -98,38 +96,117 @@ def target_step(spec: JobSpec) -> int:
     return min(spec.inner.steps, spec.eval.steps)
 
 
-def evaluate_job(job: Job, meta, on_progress: Progress = no_progress) -> dict[str, Any]:
+# A piece of an evaluation: (init name, shot count, first task, tasks), one
+# ``eval.chunk`` of the tasks at that shot count; the unit a scorer computes and, on the
+# Ray runtime, a worker (runtime/evaluation.py). Its curves are the same bits wherever
+# it is computed on one kind of machine: the same tasks, the same shapes.
+Piece = tuple[str, int, int, int]
+
+
+def pieces(spec: JobSpec, inits: list[Init]) -> list[Piece]:
+    """Every piece of a final evaluation, in the order their curves are assembled."""
+    tasks, chunk = spec.eval.tasks, spec.eval.chunk
+    return [(init.name, shots, start, min(chunk, tasks - start))
+            for shots in spec.eval.shots for init in inits
+            for start in range(0, tasks, chunk)]
+
+
+class Scorer(Protocol):
+    """Computes pieces: :class:`LocalScorer` in this process, or the Ray workers."""
+
+    def run(self, inits: list[Init], todo: list[Piece],
+            on_piece: Callable[[Piece], None]) -> dict[Piece, np.ndarray]:
+        """The curves (count, steps + 1) of every piece in ``todo``; ``on_piece`` is
+        called as each one is done."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """What the latest run took: pieces dispatched, completed, lost, per worker."""
+        ...
+
+
+class LocalScorer:
+    """Pieces computed here, one after another (a prompted init by in-context prompting,
+    the others adapted by :class:`Evaluator`)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.evaluator = Evaluator(job, job.spec.eval.steps)
+        self._prompters: dict[str, Any] = {}
+        self.completed = 0
+
+    def piece(self, init: Init, shots: int, start: int, count: int) -> np.ndarray:
+        """Curves of the meta-test tasks ``start .. start+count-1`` at ``shots``; the
+        stream is the shot count: each shot setting has its own tasks, and all inits
+        see the same ones."""
+        spec = self.job.spec
+        episodes = self.job.episodes("test", shots, range(start, start + count), shots,
+                                     spec.eval.query)
+        if init.prompted:
+            return in_context_piece(self.job, self._prompter(init), init, episodes,
+                                    spec.eval.steps)
+        return self.evaluator.score(init, *to_mx(episodes))
+
+    def _prompter(self, init: Init):
+        if init.name not in self._prompters:
+            from metapeft_dist.models.in_context import InContext
+
+            self._prompters[init.name] = InContext(
+                self.job.model, init.frozen["inputs.ids"], init.frozen["inputs.mask"],
+                chat=init.prompted == "chat")
+        return self._prompters[init.name]
+
+    def run(self, inits: list[Init], todo: list[Piece],
+            on_piece: Callable[[Piece], None]) -> dict[Piece, np.ndarray]:
+        by_name = {init.name: init for init in inits}
+        out = {}
+        for piece in todo:
+            name, shots, start, count = piece
+            out[piece] = self.piece(by_name[name], shots, start, count)
+            self.completed += 1
+            on_piece(piece)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"completed": self.completed}
+
+
+def evaluate_job(job: Job, meta, on_progress: Progress = no_progress,
+                 scorer: Scorer | None = None) -> dict[str, Any]:
     """Meta-learned init vs baselines on meta-test tasks, for every shot setting
-    (a prompted baseline's curve is flat: it takes no steps). With a standard init
-    (the random baseline) and ``eval.finetune.steps`` > 0, the standard init is also
+    (a prompted baseline's curve is flat: it takes no steps), computed by ``scorer``
+    (default: here; the Ray driver passes its workers'). With a standard init (the
+    random baseline) and ``eval.finetune.steps`` > 0, the standard init is also
     fine-tuned to the target at the cost shot count (:class:`Finetune`): results'
     ``finetune``."""
     spec, objective = job.spec, job.objective
-    evaluator = Evaluator(job, spec.eval.steps)
     inits = [Init("meta", meta, job.frozen)] + [job.baseline(b) for b in spec.eval.baselines]
-    by_shots: dict[str, Any] = {}
     standard = next((i for i in inits if i.name == "random"), None)
     finetune = standard is not None and spec.eval.finetune.steps > 0
-    total = len(spec.eval.shots) * len(inits) + finetune
-    done = 0
+    todo = pieces(spec, inits)
+    total = len(todo) + finetune
     t0 = time.perf_counter()
+    finished: dict[tuple[str, int], int] = {}  # (init, shots) -> its tasks done
 
-    def prompted_curves(init, split, shots, tasks, stream, chunk, query):
-        return in_context_curves(job, init, split, shots, tasks, stream, chunk, query,
-                                 spec.eval.steps)
+    def on_piece(piece: Piece) -> None:
+        name, shots, _, count = piece
+        finished[name, shots] = finished.get((name, shots), 0) + count
+        on_progress("evaluate", len(finished_pieces) + 1, total,
+                    {"shots": shots, "init": name,
+                     "detail": f"{finished[name, shots]} of {spec.eval.tasks} tasks"})
+        finished_pieces.append(piece)
 
+    finished_pieces: list[Piece] = []
+
+    curves = (scorer or LocalScorer(job)).run(inits, todo, on_piece)
+    done = len(todo)
+    by_shots: dict[str, Any] = {}
     for shots in spec.eval.shots:
-        curves = {}
-        for init in inits:
-            # The stream is the shot count: each shot setting has its own tasks, and all
-            # inits see the same ones.
-            score = prompted_curves if init.prompted else evaluator.curves
-            curves[init.name] = score(init, "test", shots, spec.eval.tasks, shots,
-                                      spec.eval.chunk, spec.eval.query)
-            done += 1
-            on_progress("evaluate", done, total, {"shots": shots, "init": init.name})
-        by_shots[str(shots)] = summarize(curves, objective.higher_is_better, spec.eval.target,
-                                         target_step(spec))
+        by_shots[str(shots)] = summarize(
+            {init.name: np.concatenate([curves[p] for p in todo
+                                        if p[0] == init.name and p[1] == shots])
+             for init in inits},
+            objective.higher_is_better, spec.eval.target, target_step(spec))
     out = {
         "metric": objective.metric_name,
         "higher_is_better": objective.higher_is_better,
@@ -164,155 +241,17 @@ def evaluate_job(job: Job, meta, on_progress: Progress = no_progress) -> dict[st
     return out
 
 
-# mlx.optimizers.Adam as mlx-lm's LoRA training builds it (``optim.Adam(lr)``): betas
-# (0.9, 0.999), eps 1e-8, no bias correction
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-# The fine-tuned standard init is scored after every step up to eval.steps (as the
-# evaluation curves are), then every FINETUNE_EVERY steps: its steps-to-target beyond
-# eval.steps is known to within FINETUNE_EVERY steps (rounded up: the cost is not
-# understated).
-FINETUNE_EVERY = 10
-
-
-def finetune_lr(spec: JobSpec) -> float:
-    """eval.finetune.lr, or the default it documents: mlx-lm's LoRA learning rate at
-    this job's adapter scale, Adam's usual 1e-3 for a model trained whole."""
-    if spec.eval.finetune.lr is not None:
-        return spec.eval.finetune.lr
-    lora = spec.model.lora
-    if spec.model.train == "lora" and lora is not None:
-        return MLX_LM_LR * MLX_LM_SCALE / (lora.alpha / lora.rank)
-    return 1e-3
-
-
-def finetune_points(budget: int, dense: int) -> list[int]:
-    """The steps at which the fine-tuned standard init is scored: 0 .. ``dense``, then
-    every FINETUNE_EVERY steps, and the budget."""
-    points = list(range(min(budget, dense) + 1))
-    points += range((dense // FINETUNE_EVERY + 1) * FINETUNE_EVERY, budget, FINETUNE_EVERY)
-    return sorted({*points, budget})
-
-
-class Finetune:
-    """The standard init fine-tuned as a user without meta-learning would with mlx-lm:
-    full-batch steps of mlx.optimizers.Adam (mlx-lm's optimizer, its default learning
-    rate for LoRA at this adapter scale, :func:`finetune_lr`) on each task's support
-    set, from step 0 until the mean query metric over ``eval.finetune.tasks`` held-out
-    tasks reaches the target, or for the whole budget (``eval.finetune.steps``). The
-    tasks are the evaluation's first ones at that shot count, so the fine-tune is
-    paired with the evaluation curves."""
-
-    def __init__(self, job: Job):
-        self.job = job
-        self._compiled: dict[tuple[int, bool], Callable] = {}
-
-    def _segment(self, steps: int, batched: bool) -> Callable:
-        """(shared, params, m, v, sx, sy, qx, qy) -> (params, m, v, query metric) after
-        ``steps`` Adam steps (mlx.optimizers.Adam's update, the moments carried over
-        from the segment before); ``batched``: over a leading task axis."""
-        key = (steps, batched)
-        if key in self._compiled:
-            return self._compiled[key]
-        model, objective, spec = self.job.model, self.job.objective, self.job.spec
-        b1, b2 = ADAM_BETAS
-
-        def segment(shared, params, m, v, sx, sy, qx, qy):
-            frozen, lr = shared["frozen"], shared["lr"]
-            grad_fn = mx.grad(TaskLoss(model, frozen, objective.loss))
-            for _ in range(steps):
-                g = grad_fn(params, sx, sy)
-                m = {n: b1 * m[n] + (1 - b1) * g[n] for n in g}
-                v = {n: b2 * v[n] + (1 - b2) * mx.square(g[n]) for n in g}
-                params = {n: p - lr * m[n] / (mx.sqrt(v[n]) + ADAM_EPS)
-                          for n, p in params.items()}
-            return params, m, v, objective.metric(model({**frozen, **params}, qx), qy)
-
-        def segments(shared, *batch):
-            return map_tasks(segment, shared, batch, spec.run.batching == "vmap")
-
-        fn = segments if batched else segment
-        self._compiled[key] = mx.compile(fn) if spec.run.compile else fn
-        return self._compiled[key]
-
-    def run(self, init: Init, shots: int, target: float | None,
-            on_step: Callable[[int, int, float], None] = lambda step, budget, mean: None,
-            ) -> dict[str, Any]:
-        """Fine-tune ``init`` on the tasks at ``shots``; the mean query metric at each
-        scored step, and the first scored step that reaches ``target`` (None: not
-        reached within the budget)."""
-        job, spec = self.job, self.job.spec
-        ft, higher = spec.eval.finetune, job.objective.higher_is_better
-        lr = finetune_lr(spec)
-        shared = {"frozen": init.frozen, "lr": mx.array(lr, dtype=mx.float32)}
-        t0 = time.perf_counter()
-        chunks = []
-        for start in range(0, ft.tasks, spec.eval.chunk):
-            indices = range(start, min(start + spec.eval.chunk, ft.tasks))
-            task = to_mx(job.episodes("test", shots, indices, shots, spec.eval.query))
-            params = {n: mx.broadcast_to(p, (len(indices), *p.shape))
-                      for n, p in init.meta["params"].items()}
-            zeros = {n: mx.zeros_like(p) for n, p in params.items()}
-            chunks.append([params, zeros, zeros, task])
-        steps: list[int] = []
-        means: list[float] = []
-        reached = None
-        done = 0
-        for point in finetune_points(ft.steps, spec.eval.steps):
-            fn = self._segment(point - done, batched=True)
-            values = []
-            for chunk in chunks:
-                params, m, v, metric = fn(shared, *chunk[:3], *chunk[3])
-                mx.eval(params, m, v, metric)
-                chunk[:3] = params, m, v
-                values.append(np.array(metric))
-            done = point
-            mean = float(np.concatenate(values).mean())
-            steps.append(point)
-            means.append(mean)
-            on_step(point, ft.steps, mean)
-            if target is not None and steps_to_target(np.array([mean]), target, higher) == 0:
-                reached = point
-                break
-        return {"init": init.name, "optimizer": "adam", "lr": lr, "betas": list(ADAM_BETAS),
-                "budget": ft.steps, "tasks": ft.tasks, "shots": shots, "target": target,
-                "steps": steps, "mean": means, "steps_to_target": reached,
-                "resolution": FINETUNE_EVERY, "seconds": time.perf_counter() - t0}
-
-    def step_seconds(self, init: Init, shots: int, steps: int = 10, tasks: int = 5) -> float:
-        """Measured seconds per fine-tuning step of ONE task (not a vmapped batch): the
-        median over ``tasks`` tasks of (time of ``steps`` steps and one scoring) /
-        ``steps``, after the compiled graph is warm."""
-        spec = self.job.spec
-        sx, sy, qx, qy = to_mx(self.job.episodes("test", shots, range(tasks), shots,
-                                                 spec.eval.query))
-        shared = {"frozen": init.frozen, "lr": mx.array(finetune_lr(spec), dtype=mx.float32)}
-        params: Params = init.meta["params"]
-        zeros = {n: mx.zeros_like(p) for n, p in params.items()}
-        fn = self._segment(steps, batched=False)
-        return median_seconds(lambda task: fn(shared, params, zeros, zeros, *task),
-                              [(sx[i], sy[i], qx[i], qy[i]) for i in range(tasks)]) / steps
-
-
-def in_context_curves(job: Job, init: Init, split: str, shots: int, tasks: int, stream: int,
-                      chunk: int, query: int | None = None, steps: int = 0) -> np.ndarray:
-    """The query metric of in-context prompting (models/in_context.py) with each task's
-    support set, under ``init``'s adapters (the in_context baseline's: B = 0, the base
-    LM), shape (tasks, steps + 1): nothing is adapted, so every step holds the same value
-    (a flat curve, which ``summarize``, results.json and the report read as any other;
-    its steps-to-target is 0 or never)."""
-    from metapeft_dist.models.in_context import InContext
-
-    scorer = InContext(job.model, init.frozen["inputs.ids"], init.frozen["inputs.mask"],
-                       chat=init.prompted == "chat")
+def in_context_piece(job: Job, prompter, init: Init, episodes, steps: int) -> np.ndarray:
+    """The query metric of in-context prompting (models/in_context.py, ``prompter``) with
+    each task's support set, under ``init``'s adapters (the in_context baseline's: B = 0,
+    the base LM), shape (tasks, steps + 1): nothing is adapted, so every step holds the
+    same value (a flat curve, which ``summarize``, results.json and the report read as
+    any other; its steps-to-target is 0 or never)."""
     params = init.meta["params"]
-    out = []
-    for start in range(0, tasks, chunk):
-        indices = range(start, min(start + chunk, tasks))
-        sx, sy, qx, qy = job.episodes(split, stream, indices, shots, query).arrays()
-        for i in range(len(indices)):
-            logits = scorer.logits(params, sx[i], sy[i], qx[i])
-            out.append(float(job.objective.metric(logits, mx.array(qy[i]))))
+    sx, sy, qx, qy = episodes.arrays()
+    out = [float(job.objective.metric(prompter.logits(params, sx[i], sy[i], qx[i]),
+                                      mx.array(qy[i])))
+           for i in range(sx.shape[0])]
     return np.repeat(np.array(out, dtype=np.float32)[:, None], steps + 1, axis=1)
 
 
@@ -331,63 +270,3 @@ def adaptation_step_seconds(job: Job, init: Init, split: str, shots: int, steps:
     sx, sy, _, _ = to_mx(job.episodes(split, stream, range(tasks), shots))
     return median_seconds(lambda task: fn(init.meta, *task),
                           [(sx[i], sy[i]) for i in range(tasks)]) / steps
-
-
-def median_seconds(fn: Callable[[Any], Any], tasks: list[tuple[mx.array, ...]]) -> float:
-    """Median seconds of ``fn(task)`` over ``tasks`` (each task's arrays evaluated
-    first), after one warm-up call on the first (the compile)."""
-    mx.eval(fn(tasks[0]))
-    times = []
-    for task in tasks:
-        mx.eval(*task)
-        start = time.perf_counter()
-        mx.eval(fn(task))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over axis 0 and the half-width of its normal 95% confidence interval."""
-    values = np.asarray(values, dtype=np.float64)
-    n = values.shape[0]
-    mean = values.mean(axis=0)
-    if n < 2:
-        return mean, np.full_like(mean, np.nan)
-    return mean, Z95 * values.std(axis=0, ddof=1) / math.sqrt(n)
-
-
-def steps_to_target(curve: np.ndarray, target: float, higher_is_better: bool) -> int | None:
-    """First step at which ``curve`` reaches ``target``; None if it never does."""
-    reached = curve >= target if higher_is_better else curve <= target
-    hits = np.flatnonzero(reached)
-    return int(hits[0]) if hits.size else None
-
-
-def summarize(curves: dict[str, np.ndarray], higher_is_better: bool,
-              target: float | None, target_step: int = -1) -> dict[str, Any]:
-    """Per init: mean and 95% CI at every step, steps-to-target on the mean curve and
-    per task; per baseline: the paired gain of the meta-learned init over it. ``target``
-    unset: the meta-learned init's mean after ``target_step`` steps (what it reaches
-    after its inner steps)."""
-    if target is None and "meta" in curves:
-        target = float(mean_ci95(curves["meta"])[0][target_step])
-    out: dict[str, Any] = {"target": target, "inits": {}, "gain_over": {}}
-    for name, values in curves.items():
-        mean, ci = mean_ci95(values)
-        entry: dict[str, Any] = {"mean": mean.tolist(), "ci95": ci.tolist()}
-        if target is not None:
-            entry["steps_to_target"] = steps_to_target(mean, target, higher_is_better)
-            per_task = [steps_to_target(row, target, higher_is_better) for row in values]
-            reached = [s for s in per_task if s is not None]
-            entry["tasks_reaching_target"] = len(reached) / len(per_task)
-            entry["median_task_steps_to_target"] = (
-                float(np.median(reached)) if len(reached) * 2 > len(per_task) else None)
-        out["inits"][name] = entry
-    if "meta" in curves:
-        sign = 1.0 if higher_is_better else -1.0
-        for name, values in curves.items():
-            if name == "meta":
-                continue
-            gain, ci = mean_ci95(sign * (curves["meta"] - values))
-            out["gain_over"][name] = {"mean": gain.tolist(), "ci95": ci.tolist()}
-    return out

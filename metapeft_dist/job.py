@@ -27,7 +27,7 @@ from metapeft_dist.objectives import Objective, objective_for
 from metapeft_dist.tasks import make_family
 from metapeft_dist.tasks.base import Episode, TaskFamily, sample_batch
 from metapeft_dist.tree import Meta, Params
-from metapeft_dist.wire import TreeSpec, decode
+from metapeft_dist.wire import TreeSpec, decode, declared_spec, encode
 
 LossFn = Callable[[Params, mx.array, mx.array], mx.array]
 
@@ -69,6 +69,29 @@ class Init:
     # "chat" (through the model's chat template); no steps, the same value at every
     # step of its curve
     prompted: str | None = None
+
+
+def init_frame(init: Init, frozen: Params) -> bytes:
+    """``init`` as a wire frame for a worker whose job's frozen base is ``frozen``: its
+    meta-parameters and only the frozen arrays that differ from that base (a baseline's
+    fresh rest, a pretrained base), never the corpus states both sides hold."""
+    missing = sorted(set(frozen) - set(init.frozen))
+    if missing:
+        raise ValueError(f"init {init.name} lacks frozen arrays of the job: {missing[:3]}")
+    extra = {k: v for k, v in init.frozen.items()
+             if k not in frozen or not (v is frozen[k] or (v.shape == frozen[k].shape and
+                                                          mx.array_equal(v, frozen[k])))}
+    return encode({"meta": init.meta, "frozen": extra}, 0,
+                  {"name": init.name, "prompted": init.prompted})
+
+
+def read_init_frame(frame: bytes, frozen: Params) -> Init:
+    """The :class:`Init` of :func:`init_frame`, on this job's frozen base ``frozen``.
+    For frames from the driver (a trusted peer): the tree is the one the frame declares."""
+    received = decode(frame, declared_spec(frame))
+    tree = received.tree
+    return Init(str(received.header["name"]), tree["meta"],
+                {**frozen, **tree.get("frozen", {})}, received.header.get("prompted"))
 
 
 @dataclass

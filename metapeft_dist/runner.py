@@ -158,9 +158,13 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
                       "tasks_completed": runtime.get("tasks_completed"),
                       "outer_updates": runtime.get("outer_updates"),
                       "spend_usd": spend.spend_usd()}
+            # on the executor's workers while they are up (the Ray runtime), else here
+            scorer = executor.scorer()
+            evaluation = evaluate_job(job, selected, on_progress, scorer)
+            if scorer is not None:
+                runtime["evaluation"] = scorer.stats()
         finally:
             executor.close()
-        evaluation = evaluate_job(job, selected, on_progress)
         job.model.export(selected["params"], run_dir / "adapter")  # text models only
         cost = job_cost(job, selected, evaluation, spend)
         metrics.costs(cost)
@@ -260,9 +264,10 @@ def adaptation_cost(job: Job, selected: Meta, evaluation: dict[str, Any], spend_
                     rate_usd_per_hour: float) -> dict[str, Any]:
     """cost.cost_summary from measurements: steps-to-target of the meta-learned init and
     of the standard one at the job's own shot count (the standard init fine-tuned with
-    Adam to the target, evaluate.Finetune, else its evaluation curve), and seconds per
+    Adam to the target, finetune.Finetune, else its evaluation curve), and seconds per
     adaptation step of one task from each, timed here."""
-    from metapeft_dist.evaluate import Finetune, adaptation_step_seconds, cost_shots
+    from metapeft_dist.evaluate import adaptation_step_seconds, cost_shots
+    from metapeft_dist.finetune import Finetune
 
     spec = job.spec
     shots = cost_shots(spec)

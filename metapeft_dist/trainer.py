@@ -130,6 +130,10 @@ class MetaTrainer:
 
     workers = 1  # this process
 
+    def scorer(self) -> None:
+        """None: the evaluation runs here (evaluate.LocalScorer)."""
+        return None
+
     def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
                    best: Meta | None = None) -> None:
         save_checkpoint(path, iteration, self.meta, self.optimizer.state,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metapeft_dist.cost import SpendMeter
-from metapeft_dist.evaluate import Evaluator, Progress, no_progress
+from metapeft_dist.evaluate import Evaluator, Progress, Scorer, no_progress
 from metapeft_dist.job import Init, Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
 from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
@@ -36,6 +36,10 @@ class Executor(Protocol):
         """The MLX workers started (1: this process)."""
 
     def step(self, iteration: int) -> tuple[float, float]: ...
+
+    def scorer(self) -> Scorer | None:
+        """Where the evaluation runs (evaluate.Scorer): None, in this process."""
+
     def snapshot(self) -> Meta: ...
     def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
                    best: Meta | None = None) -> None: ...

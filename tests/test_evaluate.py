@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from metapeft_dist.evaluate import Z95, mean_ci95, steps_to_target, summarize
+from metapeft_dist.curves import Z95, mean_ci95, steps_to_target, summarize
 
 
 def test_mean_ci95_known_values():
@@ -108,7 +108,7 @@ metrics: {{enabled: false}}
 
 
 def test_finetune_points_are_dense_then_every_ten_steps():
-    from metapeft_dist.evaluate import finetune_points
+    from metapeft_dist.finetune import finetune_points
 
     assert finetune_points(200, 10) == [*range(11), *range(20, 201, 10)]
     assert finetune_points(25, 3) == [0, 1, 2, 3, 10, 20, 25]
@@ -119,7 +119,7 @@ def test_finetune_lr_is_mlx_lms_default_step_at_the_adapter_scale():
     from conftest import TINY_SPEC
 
     from metapeft_dist.config import parse_spec
-    from metapeft_dist.evaluate import finetune_lr
+    from metapeft_dist.finetune import finetune_lr
 
     def lora(rank, alpha):
         return parse_spec(TINY_SPEC.replace(
@@ -152,7 +152,7 @@ def reference_finetune(job, init, shots, points):
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from metapeft_dist.evaluate import finetune_lr
+    from metapeft_dist.finetune import finetune_lr
     from metapeft_dist.job import to_mx
 
     ft = job.spec.eval.finetune
@@ -171,7 +171,7 @@ def reference_finetune(job, init, shots, points):
 
 
 def test_finetune_is_mlx_adam_on_each_task_and_stops_at_the_target(tiny_job):
-    from metapeft_dist.evaluate import Finetune
+    from metapeft_dist.finetune import Finetune
 
     init = tiny_job.baseline("random")
     whole = Finetune(tiny_job).run(init, 5, target=None)

@@ -1,6 +1,7 @@
 """Each implementation has every member its Protocol declares, with the protocol's
 parameters first (extra ones optional): the models (models.Network), the executors
-(runner.Executor) and the task loss the hypernetwork reads (algorithms.hyper.HeadLoss).
+(training.Executor), the task loss the hypernetwork reads (algorithms.hyper.HeadLoss),
+where an evaluation runs (evaluate.Scorer) and the dispatch loop's work (Work).
 Read from the classes, so a member added to a protocol and forgotten in one model
 fails here rather than in a job."""
 
@@ -13,12 +14,15 @@ from typing import Protocol
 import pytest
 
 from metapeft_dist.algorithms.hyper import HeadLoss
+from metapeft_dist.evaluate import LocalScorer, Scorer
 from metapeft_dist.job import TaskLoss
 from metapeft_dist.models import Classifier, Model, Network
 from metapeft_dist.models.causal_lm import CausalLMModel
 from metapeft_dist.models.encoder import EncoderModel
 from metapeft_dist.training import Executor
+from metapeft_dist.runtime.dispatch import ChunkWork, Work
 from metapeft_dist.runtime.driver import RayExecutor
+from metapeft_dist.runtime.evaluation import PieceWork, RayScorer
 from metapeft_dist.trainer import MetaTrainer
 
 
@@ -63,7 +67,8 @@ def _missing(protocol: type, cls: type) -> list[str]:
 
 @pytest.mark.parametrize("protocol, cls", [
     (Classifier, Model), (Classifier, EncoderModel), (Network, CausalLMModel),
-    (Executor, MetaTrainer), (Executor, RayExecutor), (HeadLoss, TaskLoss)])
+    (Executor, MetaTrainer), (Executor, RayExecutor), (HeadLoss, TaskLoss),
+    (Scorer, LocalScorer), (Scorer, RayScorer), (Work, ChunkWork), (Work, PieceWork)])
 def test_each_implementation_has_its_protocols_members(protocol, cls):
     assert _missing(protocol, cls) == []
 

@@ -1,18 +1,20 @@
-"""The dispatch loop: chunks of tasks out to the workers' free slots, results back.
+"""The dispatch loop: keys of work out to the workers' free slots, results back.
 
-A chunk is ``(iteration, start, count)``: tasks ``start .. start+count-1`` of the
-iteration's meta-batch. Only the key goes out, with an object ref of the current
-meta-parameter frame (fetched once per version); the result comes back as two refs, the
-chunk's timings (waited for here) and its gradient frame (passed on to the parameter
-server without coming through this process). A chunk lost with its worker, or whose
-result object went with its node, is queued again for another worker.
+The work is meta-training's by default: a chunk ``(iteration, start, count)``, tasks
+``start .. start+count-1`` of the iteration's meta-batch. Only the key goes out, with an
+object ref of the current meta-parameter frame (fetched once per version); the result
+comes back as two refs, the chunk's timings (waited for here) and its gradient frame
+(passed on to the parameter server without coming through this process). Other work
+(the evaluation's pieces, runtime/evaluation.py) brings its own :class:`Work`. A key
+lost with its worker, or whose result object went with its node, is queued again for
+another worker.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import ray
 
@@ -25,6 +27,20 @@ from metapeft_dist.runtime.pool import LOST, WorkerPool
 WAIT_SECONDS = 0.5
 
 Key = tuple[int, int, int]  # (iteration, start, count)
+
+
+class Work(Protocol):
+    """A kind of work the loop dispatches: how a key goes out and what its end records."""
+
+    def submit(self, handle: Any, key: Any) -> tuple[Any, Any]:
+        """Start ``key`` on the worker ``handle``: (timings ref, result ref)."""
+        ...
+
+    def done(self, handle: Any, key: Any, timings: dict[str, Any], round_trip: float) -> None:
+        ...
+
+    def lost(self, handle: Any | None, key: Any) -> None:
+        ...
 
 
 class StallError(RuntimeError):
@@ -82,6 +98,27 @@ class ChunkLog:
                 "throughput": self.throughput.summary()}
 
 
+class ChunkWork:
+    """Meta-training's work: chunks computed at the dispatcher's current version,
+    recorded on its ledger."""
+
+    def __init__(self, dispatcher: "Dispatcher"):
+        self.dispatcher = dispatcher
+
+    def submit(self, handle: Any, key: Key) -> tuple[Any, Any]:
+        d = self.dispatcher
+        iteration, start, count = key
+        d.ledger.counters["dispatched"] += 1
+        return handle.run_ref.options(num_returns=2).remote(
+            d.version, [d.meta_ref()], iteration, start, count)
+
+    def done(self, handle: Any, key: Key, timings: dict[str, Any], round_trip: float) -> None:
+        self.dispatcher.ledger.done(handle, key, timings, round_trip)
+
+    def lost(self, handle: Any | None, key: Key) -> None:
+        self.dispatcher.ledger.lost(handle, key)
+
+
 class Dispatcher:
     """Runs chunks on the pool's workers at the parameter server's current version."""
 
@@ -91,9 +128,10 @@ class Dispatcher:
         self.stall_timeout = spec.runtime.stall_timeout
         self.version = version  # of the meta-parameters chunks are computed at
         self.ledger = ChunkLog(spec, pool, metrics, spend)
-        # timings ref -> (worker, chunk key, result frame ref, when dispatched)
-        self.inflight: dict[Any, tuple[Any, Key, Any, float]] = {}
+        # timings ref -> (worker, key, result ref, when dispatched, its work)
+        self.inflight: dict[Any, tuple[Any, Any, Any, float, Work]] = {}
         self._meta_ref: tuple[int, Any] | None = None
+        self.chunks = ChunkWork(self)
 
     def at_version(self, version: int, frame_ref: Any | None = None) -> None:
         """Chunks from now on are computed at ``version`` (whose frame is ``frame_ref``,
@@ -102,23 +140,21 @@ class Dispatcher:
         if frame_ref is not None:
             self._meta_ref = (version, frame_ref)
 
-    def _meta(self) -> Any:
+    def meta_ref(self) -> Any:
         """An object ref of the current meta-parameter frame (one fetch per version)."""
         if self._meta_ref is None or self._meta_ref[0] != self.version:
             self._meta_ref = (self.version, self.ps.meta_frame.remote())
         return self._meta_ref[1]
 
-    def _dispatch(self, handle: Any, key: Key) -> None:
-        iteration, start, count = key
-        timings_ref, frame_ref = handle.run_ref.options(num_returns=2).remote(
-            self.version, [self._meta()], iteration, start, count)
-        self.inflight[timings_ref] = (handle, key, frame_ref, time.monotonic())
-        self.ledger.counters["dispatched"] += 1
+    def _dispatch(self, handle: Any, key: Any, work: Work) -> None:
+        timings_ref, result_ref = work.submit(handle, key)
+        self.inflight[timings_ref] = (handle, key, result_ref, time.monotonic(), work)
 
-    def lost(self, handle: Any | None, err: BaseException, key: Key) -> None:
-        """A chunk was lost with its worker (``handle``, to be pinged until it answers
+    def lost(self, handle: Any | None, err: BaseException, key: Any,
+             work: Work | None = None) -> None:
+        """A key was lost with its worker (``handle``, to be pinged until it answers
         again) or, with ``handle`` None, its result object was."""
-        self.ledger.lost(handle, key)
+        (work or self.chunks).lost(handle, key)
         self.log(f"a chunk was lost ({type(err).__name__}); it goes to another worker")
         if handle is not None:
             self.pool.lost(handle)
@@ -137,35 +173,38 @@ class Dispatcher:
         for ref in ready:
             if self.pool.answered(ref):
                 continue
-            handle, key, frame_ref, dispatched = self.inflight.pop(ref)
+            handle, key, result_ref, dispatched, work = self.inflight.pop(ref)
             try:
                 timings = ray.get(ref)
             except LOST as err:
-                self.lost(handle, err, key)
+                self.lost(handle, err, key, work)
                 lost.append(key)
                 continue
             self.pool.slots.append(handle)
-            self.ledger.done(handle, key, timings, time.monotonic() - dispatched)
-            done.append((handle, key, frame_ref, timings))
+            work.done(handle, key, timings, time.monotonic() - dispatched)
+            done.append((handle, key, result_ref, timings))
         self.pool.report()
         return done, lost
 
-    def loop(self, todo: deque, finished: Callable[[], bool], on_result: Callable) -> None:
-        """Dispatch ``todo``'s chunks (lost ones are put back) until ``finished()``;
-        ``on_result(handle, key, frame_ref, timings)`` takes each finished chunk and may
-        raise LOST when its result object went with its node."""
+    def loop(self, todo: deque, finished: Callable[[], bool], on_result: Callable,
+             work: Work | None = None) -> None:
+        """Dispatch ``todo``'s keys of ``work`` (default: meta-training's chunks; lost
+        ones are put back) until ``finished()``; ``on_result(handle, key, result_ref,
+        timings)`` takes each finished one and may raise LOST when its result object
+        went with its node."""
+        work = work if work is not None else self.chunks
         last_progress = time.monotonic()
         slots = self.pool.slots
         while not finished():
             while todo and slots:
-                self._dispatch(slots.popleft(), todo.popleft())
+                self._dispatch(slots.popleft(), todo.popleft(), work)
             results, lost = self._wait()
             todo.extend(lost)
             for item in results:
                 try:
                     on_result(*item)
                 except LOST as err:  # the result object went with its node
-                    self.lost(None, err, item[1])
+                    self.lost(None, err, item[1], work)
                     todo.append(item[1])
             if results:
                 last_progress = time.monotonic()

@@ -13,7 +13,8 @@ node comes back. New `mlx` capacity (a machine added) gets a new worker.
 
 The parts, each in its module: joining the cluster (connection.py), the workers and
 their nodes (pool.py), the dispatch loop (dispatch.py), the sync and async protocols
-(steppers.py), the parameter server (param_server.py) and the worker (worker.py).
+(steppers.py), the evaluation on the workers (evaluation.py), the parameter server
+(param_server.py) and the worker (worker.py).
 
 :class:`RayExecutor` offers the same ``step`` / ``snapshot`` / ``checkpoint`` interface
 as the in-process :class:`metapeft_dist.trainer.MetaTrainer`; ``runner.py`` drives both.
@@ -32,6 +33,7 @@ from metapeft_dist.job import Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
 from metapeft_dist.runtime.connection import connect
 from metapeft_dist.runtime.dispatch import Dispatcher
+from metapeft_dist.runtime.evaluation import RayScorer
 from metapeft_dist.runtime.param_server import ParameterServer
 from metapeft_dist.runtime.pool import WorkerPool
 from metapeft_dist.runtime.steppers import AsyncStepper, SyncStepper
@@ -43,6 +45,7 @@ class RayExecutor:
     def __init__(self, job: Job, address: str | None = None, resume_path: str | None = None,
                  start_iteration: int = 0, log: Callable[[str], None] = lambda m: None,
                  metrics: JobMetrics | None = None, spend: SpendMeter | None = None):
+        self.job = job
         self.spec = job.spec
         self.runtime = job.spec.runtime
         self.metrics = metrics if metrics is not None else NoMetrics()
@@ -88,6 +91,10 @@ class RayExecutor:
         """One meta-iteration: (mean query loss after adaptation, gradient norm)."""
         self.pool.scale_out()
         return self.stepper.step(iteration)
+
+    def scorer(self) -> RayScorer:
+        """The evaluation, on these workers (runtime/evaluation.py)."""
+        return RayScorer(self.job, self.dispatcher)
 
     def snapshot(self) -> Meta:
         return decode(ray.get(self.ps.meta_frame.remote()), self.tree_spec).tree

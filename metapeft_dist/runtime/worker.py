@@ -21,7 +21,7 @@ import metapeft_dist  # noqa: F401  (OpenBLAS before mlx)
 from metapeft_dist.blas import machine_kind
 from metapeft_dist.config import from_dict
 from metapeft_dist.cost import read_energy_joules
-from metapeft_dist.job import build_job
+from metapeft_dist.job import Init, build_job, read_init_frame
 from metapeft_dist.wire import TreeSpec, decode, encode
 
 
@@ -40,6 +40,8 @@ class Worker:
         self.tree_spec = TreeSpec.of(self.job.initial_meta)
         self.loss_fn = self.job.loss_fn()
         self._meta: tuple[int, Any] | None = None
+        self._inits: dict[str, Init] = {}  # evaluation inits by the driver's id
+        self._scorer: Any = None  # evaluate.LocalScorer, built at the first piece
         self._steps: dict[Hashable, Callable] = {}
         self.node_id = self.node_identity()["id"]  # fixed for the life of the process
         self.kind = machine_kind()  # what decides the bits of its results
@@ -108,3 +110,34 @@ class Worker:
                    "node_id": self.node_id, "kind": self.kind,
                    "energy_joules": read_energy_joules()}
         return timings, frame
+
+    def has_init(self, init_id: str) -> bool:
+        return init_id in self._inits
+
+    def evaluate(self, init_id: str, init_frame: bytes | None, shots: int, start: int,
+                 count: int) -> tuple[dict[str, Any], Any]:
+        """Curves (count, eval.steps + 1) of the meta-test tasks ``start ..
+        start+count-1`` at ``shots`` from the init the driver calls ``init_id``
+        (evaluate.LocalScorer.piece: the same bits as the driver's own evaluation).
+        ``init_frame`` (job.init_frame) may be None when :meth:`has_init`."""
+        from metapeft_dist.evaluate import LocalScorer
+
+        started = time.time()
+        t0 = time.perf_counter()
+        if init_id not in self._inits:
+            if init_frame is None:
+                raise ValueError(f"evaluation init {init_id} was not sent")
+            self._inits[init_id] = read_init_frame(init_frame, self.job.frozen)
+        if self._scorer is None:
+            self._scorer = LocalScorer(self.job)
+        curves = self._scorer.piece(self._inits[init_id], shots, start, count)
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "compute_seconds": seconds, "started": started,
+                "ended": started + seconds, "host": platform.node(), "pid": os.getpid(),
+                "node_id": self.node_id, "kind": self.kind,
+                "bytes_in": len(init_frame) if init_frame is not None else 0}, curves
+
+    def forget_inits(self) -> None:
+        """The evaluation is over: its inits are dropped."""
+        self._inits.clear()
+

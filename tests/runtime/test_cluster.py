@@ -36,7 +36,7 @@ family: {name: sinusoid, shots: 5, query: 5}
 model: {hidden: [32, 32]}
 algorithm: {name: maml, meta_batch: 6, iterations: 16}
 inner: {steps: 2, lr: 0.01}
-eval: {tasks: 8, shots: [5], steps: 2, every: 0, select: last, baselines: [random]}
+eval: {tasks: 8, shots: [5], steps: 2, every: 0, select: last, baselines: [random], chunk: 1}
 checkpoint: {every: 4, keep: 3}
 runtime: {chunk: 2}
 """
@@ -63,6 +63,16 @@ def _spec(*overrides):
 
 def _final_meta(results):
     return load_checkpoint(results["meta_training"]["checkpoint"]).meta
+
+
+def _evaluation(results) -> dict:
+    """results.json's evaluation without its timings (measured, so never equal)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "seconds"}
+        return value
+
+    return strip(results["evaluation"])
 
 
 def _bitwise_equal(a, b) -> bool:
@@ -98,23 +108,39 @@ def test_sync_is_bitwise_identical_for_1_2_3_workers(cluster, reference, tmp_pat
     stats = reference["runtime"]
     assert stats["workers"] == 3 and len(stats["per_worker"]) >= 2  # the work was shared
     assert stats["parameter_server"]["accepted"] == 16 * CHUNKS_PER_ITERATION
+    # the evaluation ran on the workers too: 8 one-task pieces for each of 2 inits
+    assert stats["evaluation"]["completed"] == 16 and len(stats["evaluation"]["per_worker"]) >= 2
     for workers in (1, 2):
         results = run_job(_spec(f"runtime.workers={workers}"), tmp_path / f"w{workers}")
         assert results["runtime"]["workers"] == workers
         assert _bitwise_equal(_final_meta(results), ref), f"{workers} workers differ"
+        assert _evaluation(results) == _evaluation(reference), f"{workers} workers differ"
 
 
-def _run_in_thread(spec, run_dir, when_iteration, action, pace_after=0.0):
+def test_the_evaluation_on_the_workers_equals_the_one_in_process(cluster, reference):
+    """The same job's evaluation computed here, one piece after another, from the
+    init the run selected: the same numbers, bit for bit (one kind of machine)."""
+    from metapeft_dist.evaluate import evaluate_job
+    from metapeft_dist.job import build_job
+
+    selected = load_checkpoint(reference["meta_training"]["selected_checkpoint"]).meta
+    here = evaluate_job(build_job(_spec("runtime.workers=3")), selected)
+    assert _evaluation({"evaluation": here}) == _evaluation(reference)
+
+
+def _run_in_thread(spec, run_dir, when_iteration, action, pace_after=0.0,
+                   when_stage="meta-train"):
     """Run the job on a thread; call ``action()`` once it has finished
-    ``when_iteration`` iterations; return the results. ``pace_after`` seconds are spent
-    in the progress callback of every iteration after the action, so that a short job
-    outlasts slow recoveries (the driver itself is not changed)."""
+    ``when_iteration`` iterations (or, with ``when_stage`` "evaluate", pieces of the
+    evaluation); return the results. ``pace_after`` seconds are spent in the progress
+    callback of every step after the action, so that a short job outlasts slow
+    recoveries (the driver itself is not changed)."""
     reached = threading.Event()
     acted = threading.Event()
     out: dict = {}
 
     def progress(stage, done, total, info):
-        if stage == "meta-train" and done >= when_iteration:
+        if stage == when_stage and done >= when_iteration:
             reached.set()
             if acted.is_set():
                 time.sleep(pace_after)
@@ -153,6 +179,22 @@ def test_a_node_killed_mid_run_costs_nothing_but_time(cluster, reference, tmp_pa
     assert ps["duplicates"] == 0 and stats["duplicates"] == 0
     assert stats["completed"] == stats["dispatched"] - stats["lost"]
     assert _bitwise_equal(_final_meta(results), _final_meta(reference))
+    cluster.add_node(num_cpus=1, resources={"mlx": 1})  # restore for the next tests
+    cluster.wait_for_nodes()
+
+
+def test_a_node_killed_during_the_evaluation_changes_no_bit_of_it(cluster, reference,
+                                                                 tmp_path):
+    """A node leaves after the first piece of the evaluation is in: the pieces its
+    worker held are computed again by the others, and the evaluation is the fault-free
+    one."""
+    victim = _worker_nodes(cluster)[0]
+    results = _run_in_thread(_spec("runtime.workers=3"), tmp_path / "run", 1,
+                             lambda: cluster.remove_node(victim, allow_graceful=False),
+                             pace_after=0.2, when_stage="evaluate")
+    evaluation = results["runtime"]["evaluation"]
+    assert evaluation["lost"] >= 1 and evaluation["completed"] == 16
+    assert _evaluation(results) == _evaluation(reference)
     cluster.add_node(num_cpus=1, resources={"mlx": 1})  # restore for the next tests
     cluster.wait_for_nodes()
 

@@ -1,0 +1,82 @@
+"""The evaluation on the Ray workers: the pieces of an evaluation (evaluate.Piece: an
+init, a shot count, a chunk of meta-test tasks) go to the workers through the same
+dispatch loop as meta-training's chunks, and their curves come back.
+
+Each init travels once to each worker that needs it (job.init_frame: its
+meta-parameters and the frozen arrays that differ from the job's base), as an object
+ref fetched only by a worker that does not hold it yet. A worker computes a piece as the
+driver would (evaluate.LocalScorer.piece), and the driver assembles the curves in task
+order, so the evaluation is bitwise the same for any number of workers and any faults
+(a piece lost with its worker is computed again by another), and equal to the
+in-process evaluation on the same kind of machine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from typing import Any, Callable
+
+import numpy as np
+import ray
+
+from metapeft_dist.evaluate import Piece
+from metapeft_dist.job import Init, Job, init_frame
+from metapeft_dist.runtime.dispatch import Dispatcher
+
+
+class PieceWork:
+    """The evaluation's work for the dispatch loop: pieces of known inits."""
+
+    def __init__(self, refs: dict[str, tuple[str, Any]]):
+        self.refs = refs  # init name -> (its id on the workers, its frame's object ref)
+        self.counters = {"dispatched": 0, "completed": 0, "lost": 0}
+        self.per_worker: dict[str, int] = {}  # host:pid -> pieces computed
+
+    def submit(self, handle: Any, key: Piece) -> tuple[Any, Any]:
+        name, shots, start, count = key
+        init_id, ref = self.refs[name]
+        self.counters["dispatched"] += 1
+        return handle.evaluate_ref.options(num_returns=2).remote(init_id, [ref], shots,
+                                                                 start, count)
+
+    def done(self, handle: Any, key: Piece, timings: dict[str, Any],
+             round_trip: float) -> None:
+        self.counters["completed"] += 1
+        worker = f"{timings['host']}:{timings['pid']}"
+        self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
+
+    def lost(self, handle: Any | None, key: Piece) -> None:
+        self.counters["lost"] += 1
+
+
+class RayScorer:
+    """An evaluate.Scorer on the run's Ray workers."""
+
+    def __init__(self, job: Job, dispatcher: Dispatcher):
+        self.job, self.dispatcher = job, dispatcher
+        self.last: PieceWork | None = None  # the latest run's counters, for the stats
+
+    def run(self, inits: list[Init], todo: list[Piece],
+            on_piece: Callable[[Piece], None]) -> dict[Piece, np.ndarray]:
+        tag = uuid.uuid4().hex[:8]
+        refs = {init.name: (f"{init.name}-{tag}", ray.put(init_frame(init, self.job.frozen)))
+                for init in inits}
+        work = PieceWork(refs)
+        self.last = work
+        curves: dict[Piece, np.ndarray] = {}
+
+        def on_result(handle: Any, piece: Piece, result_ref: Any, timings: dict) -> None:
+            if piece in curves:
+                return  # computed twice (a worker lost after it answered): same bits
+            curves[piece] = np.asarray(ray.get(result_ref))
+            on_piece(piece)
+
+        self.dispatcher.loop(deque(todo), lambda: len(curves) == len(set(todo)), on_result,
+                             work)
+        return curves
+
+    def stats(self) -> dict[str, Any]:
+        if self.last is None:
+            return {}
+        return {**self.last.counters, "per_worker": dict(self.last.per_worker)}
