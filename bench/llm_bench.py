@@ -70,7 +70,14 @@ def evaluate_run(run_dir: str | Path, tasks: int, overrides: list[str],
         log(f"  evaluating {done}/{total}: {info['init']}, {info['shots']}-shot{detail} "
             f"({time.perf_counter() - started:.0f} s)")
 
-    evaluation = evaluate_job(job, meta, progress)
+    if spec.runtime.mode == "local":
+        evaluation = evaluate_job(job, meta, progress)
+    else:  # on the embedded Ray's workers, one per core (runtime/evaluation.py)
+        from metapeft_dist.runtime.driver import evaluate_on_ray
+
+        evaluation, work = evaluate_on_ray(job, meta, progress)
+        log(f"  evaluated on {len(work['per_worker'])} workers: {work['completed']} pieces, "
+            f"{work['lost']} lost")
     results = json.loads((Path(run_dir) / "results.json").read_text())
     run_cost = results["cost"]  # the run's measured meta-training spend and node rate
     cost = adaptation_cost(job, meta, evaluation, run_cost["spend_usd"],

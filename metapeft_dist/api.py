@@ -137,13 +137,16 @@ def fit_embedding(out: str | Path, families: Sequence[str] = ("wordnet", "fortun
 
 
 def evaluate(run_dir: str | Path, family: str | None = None, data: str | None = None,
-             overrides: Sequence[str] = (), on_progress=None) -> dict[str, Any]:
+             overrides: Sequence[str] = (), on_progress=None,
+             address: str | None = None) -> dict[str, Any]:
     """Compare a finished text run's meta-learned init with its baselines on the
     meta-test tasks of another text ``family`` (cross-domain), of a directory of JSONL
-    tasks (``data``), or of its own family; ``overrides`` like ``eval.tasks=100``."""
+    tasks (``data``), or of its own family; ``overrides`` like ``eval.tasks=100``. On
+    the run's ``runtime.mode``: ``local`` here, else on Ray's workers (embedded, or the
+    cluster at ``address``)."""
     from metapeft_dist.crossdomain import evaluate_init
 
-    return evaluate_init(run_dir, family, data, overrides, on_progress)
+    return evaluate_init(run_dir, family, data, overrides, on_progress, address)
 
 
 # --- a cluster's jobs (Ray's job server) ----------------------------------------------

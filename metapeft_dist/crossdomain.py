@@ -39,12 +39,15 @@ def retarget(spec: JobSpec, family: str | None = None, data: str | Path | None =
 
 
 def evaluate_init(run_dir: str | Path, family: str | None = None, data: str | None = None,
-                  overrides: Sequence[str] = (), on_progress=None) -> dict[str, Any]:
+                  overrides: Sequence[str] = (), on_progress=None,
+                  address: str | None = None) -> dict[str, Any]:
     """The run's meta-learned init against its baselines on the meta-test tasks of
     ``family`` (another text family: the cross-domain test), of ``data`` (a directory of
     your JSONL tasks; its meta-test files), or of the run's own family. ``overrides``
-    (``eval.tasks=100``, ``eval.shots=[1,5]`` ...) apply to the run's spec. Returns a
-    results-shaped dict (``evaluation`` as in results.json)."""
+    (``eval.tasks=100``, ``eval.shots=[1,5]`` ...) apply to the run's spec. Where it runs
+    follows the spec's ``runtime.mode``, as for ``metapeft run``: ``local`` here, else on
+    Ray's workers (an embedded local Ray, or the cluster at ``address``), with the same
+    numbers. Returns a results-shaped dict (``evaluation`` as in results.json)."""
     from metapeft_dist.evaluate import evaluate_job
     from metapeft_dist.job import build_job
 
@@ -53,7 +56,14 @@ def evaluate_init(run_dir: str | Path, family: str | None = None, data: str | No
     job = build_job(target)
     progress = on_progress or (lambda *args: None)
     started = time.perf_counter()
-    evaluation = evaluate_job(job, narrow(meta, target.family.ways), progress)
+    init = narrow(meta, target.family.ways)
+    runtime: dict[str, Any] = {"mode": target.runtime.mode}
+    if target.runtime.mode == "local":
+        evaluation = evaluate_job(job, init, progress)
+    else:
+        from metapeft_dist.runtime.driver import evaluate_on_ray
+
+        evaluation, runtime["evaluation"] = evaluate_on_ray(job, init, progress, address)
     return {"job": f"{spec.name} on {target.family.name}", "run_dir": str(run_dir),
             "init": source, "spec": target.to_dict(), "evaluation": evaluation,
-            "meta_training": {}, "seconds": time.perf_counter() - started}
+            "runtime": runtime, "meta_training": {}, "seconds": time.perf_counter() - started}

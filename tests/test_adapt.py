@@ -163,7 +163,9 @@ def test_eval_compares_the_init_on_other_tasks(tmp_path, llama_run):
     for args, phrase in [(["--family", "wordnet", "--data", str(data)], "not both"),
                          (["--data", str(data), "--set", "family.ways=3"],
                           "family.ways must stay 2"),
-                         (["--set", "eval.tasks=0"], "eval.tasks: must be >= 1")]:
+                         (["--set", "eval.tasks=0"], "eval.tasks: must be >= 1"),
+                         (["--address", "127.0.0.1:1", "--set", "runtime.mode=sync"],
+                          "cannot reach the Ray cluster at 127.0.0.1:1")]:
         bad = _cli("eval", "--init", str(llama_run), *args)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and phrase in lines[0], bad.stderr

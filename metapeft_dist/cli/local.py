@@ -307,21 +307,29 @@ def embed(data: str | None, fit: str | None, families: tuple[str, ...], steps: i
                    "the run's own family.")
 @click.option("--data", type=click.Path(), metavar="DIR",
               help="Evaluate on the meta-test files of a directory of JSONL tasks.")
+@click.option("--address", metavar="ADDRESS",
+              help="Evaluate on the workers of the Ray cluster at ADDRESS; default: an "
+                   "embedded local Ray's (in this process with --set runtime.mode=local).")
 @overrides_option
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-def evaluate(run_dir: str, family: str | None, data: str | None, overrides: tuple[str, ...],
-             as_json: bool, quiet: bool) -> None:
+def evaluate(run_dir: str, family: str | None, data: str | None, address: str | None,
+             overrides: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Compare a run's meta-learned init with the standard init (and head-only tuning)
     on held-out tasks: accuracy after every adaptation step, with 95% CIs."""
     from metapeft_dist import api
     from metapeft_dist.rundir import AdaptError
     from metapeft_dist.results import format_table
+    from metapeft_dist.runtime.connection import ClusterError
+    from metapeft_dist.runtime.dispatch import StallError
 
     try:
         results = api.evaluate(run_dir, family, data, overrides,
-                               _ProgressPrinter(quiet or as_json))
-    except (AdaptError, ConfigError) as err:
+                               _ProgressPrinter(quiet or as_json), address)
+    except (AdaptError, ConfigError, ClusterError) as err:
         fail_usage(str(err).splitlines()[0])
+    except StallError as err:
+        click.echo(f"error: the evaluation failed: {err}", err=True)
+        sys.exit(EXIT_FAILED)
     click.echo(json.dumps(results, indent=1) if as_json else format_table(results))
 

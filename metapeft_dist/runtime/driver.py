@@ -29,6 +29,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from metapeft_dist.cost import SpendMeter
+from metapeft_dist.evaluate import Progress, evaluate_job, no_progress
 from metapeft_dist.job import Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
 from metapeft_dist.runtime.connection import connect
@@ -139,3 +140,19 @@ class RayExecutor:
         ray.kill(self.ps, no_restart=True)
         if self.embedded:
             ray.shutdown()
+
+
+def evaluate_on_ray(job: Job, meta: Meta, on_progress: Progress = no_progress,
+                    address: str | None = None, log: Callable[[str], None] = lambda m: None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """evaluate.evaluate_job of ``meta`` on the workers of the cluster at ``address``
+    (default: an embedded local Ray, as ``metapeft run`` starts): (the evaluation, what
+    the workers did)."""
+    executor = RayExecutor(job, address, log=log)
+    try:
+        executor.release()  # nothing is meta-trained: no node is held for the cost
+        scorer = executor.scorer()
+        return evaluate_job(job, meta, on_progress, scorer), scorer.stats()
+    finally:
+        executor.close()
+

@@ -383,6 +383,24 @@ def test_a_tiny_llama_lora_job_meta_trains_on_three_nodes(cluster, tmp_path):
                                                     for v in inits.values())
 
 
+def test_metapeft_eval_on_the_workers_equals_it_in_process(cluster, tmp_path):
+    """`metapeft eval` of a causal-LM run, in-context prompting among its baselines, on
+    the cluster's workers (runtime.mode sync) and here (local): the same numbers, bit for
+    bit, and the workers shared the pieces."""
+    from metapeft_dist.crossdomain import evaluate_init
+
+    spec, _, _ = _llama_job(tmp_path, iterations=2)
+    run_job(spec, tmp_path / "run")
+    extra = ["eval.baselines=[random, in_context]", "eval.chunk=1"]
+    on_ray = evaluate_init(tmp_path / "run", overrides=extra + ["runtime.workers=3"])
+    here = evaluate_init(tmp_path / "run", overrides=extra + ["runtime.mode=local"])
+    assert set(on_ray["evaluation"]["shots"]["2"]["inits"]) == {"meta", "random", "in_context"}
+    assert _evaluation(on_ray) == _evaluation(here)
+    work = on_ray["runtime"]["evaluation"]
+    assert work["completed"] == 3 * 4 and len(work["per_worker"]) >= 2
+    assert "evaluation" not in here["runtime"]
+
+
 def test_the_workers_get_the_task_files_from_the_driver(cluster, tmp_path):
     """A JSONL family's files exist where the driver runs only (deleted once it has
     read them): the workers get them from the driver and do every task, and write no
