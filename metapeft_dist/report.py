@@ -180,8 +180,12 @@ def plot_training(results: dict[str, Any], path: Path) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
                fontsize="small")
     seconds = training.get("seconds")
+    timing = results.get("timing") or {}
+    shares = "".join(f"; {label} {timing[key]:.1f} s" for key, label in (
+        ("validation", "meta-validation"), ("evaluation", "final evaluation"))
+        if timing.get(key) is not None)
     ax.set_title(f"Meta-training: {_heading(results)}"
-                 + (f" ({training.get('iterations')} iterations, {seconds:.1f} s)"
+                 + (f" ({training.get('iterations')} iterations, {seconds:.1f} s{shares})"
                     if seconds is not None else ""))
     fig.savefig(path)
 

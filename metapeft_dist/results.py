@@ -54,6 +54,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"meta-training: {mt['iterations']} iterations in {mt['seconds']:.1f} s "
                      f"({mt['iterations_per_second']:.1f} it/s); results in "
                      f"{results['run_dir']}")
+    if results.get("timing"):
+        lines.append(timing_line(results["timing"]))
     failed = results.get("runtime", {}).get("workers_failed_to_start")
     if failed:
         reasons = "; ".join(reason if n == 1 else f"{reason} ({n}x)"
@@ -64,6 +66,17 @@ def format_table(results: dict[str, Any]) -> str:
     if cost:
         lines.append(cost_line(cost))
     return "\n".join(lines)
+
+
+def timing_line(timing: dict[str, Any]) -> str:
+    """Where the job's time went, in one line."""
+    job = timing["job"] or float("nan")
+    parts = [f"{label} {timing[key]:.1f} s ({100 * timing[key] / job:.0f}%)"
+             for key, label in (("meta_training", "meta-training"),
+                                ("validation", "meta-validation"),
+                                ("evaluation", "final evaluation"))
+             if timing.get(key) is not None]
+    return f"time: {', '.join(parts)} of {job:.1f} s"
 
 
 def finetune_line(finetune: dict[str, Any], percent: bool) -> str:

@@ -182,6 +182,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
             "runtime": runtime, "meta_training": training, "evaluation": evaluation,
             "cost": cost, "outcome": outcome,
         }
+        results["timing"] = timing(results)
         write_json_atomic(run_dir / "results.json", results)
     except BaseException as err:
         outcome = job_outcome(ended_by(err), started, totals, f"{type(err).__name__}: {err}")
@@ -190,6 +191,16 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
         end_run(spec, run_dir, metrics, server, outcome, log)
     on_progress("done", 1, 1, {"results": str(run_dir / "results.json")})
     return results
+
+
+def timing(results: dict[str, Any]) -> dict[str, float | None]:
+    """Where the job's seconds went: meta-training's steps, its meta-validations, the
+    final evaluation, and the whole job (setup, checkpoints and cost timing the rest);
+    a resumed run's meta-training counts its sessions before."""
+    training = results["meta_training"]
+    return {"meta_training": training["seconds"],
+            "validation": training.get("validation_seconds"),
+            "evaluation": results["evaluation"]["seconds"], "job": results["seconds"]}
 
 
 def open_run_dir(spec: JobSpec, job: Job, run_dir: Path, resume: Checkpoint | None,

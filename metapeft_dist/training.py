@@ -91,8 +91,10 @@ class MetaTraining:
         self.best: tuple[int, float, Meta] | None = None  # (iteration, metric, meta)
         self.seconds = 0.0  # meta-training so far, sessions before this one included
         self.seconds_before = 0.0
+        self.validation_seconds = 0.0  # in meta-validation so far, likewise
         if resume is not None:
             self.seconds = self.seconds_before = resume.info.get("train_seconds", 0.0)
+            self.validation_seconds = resume.info.get("validation_seconds", 0.0)
             if resume.best is not None:
                 self.best = (resume.info["best_iteration"], resume.info["best_metric"],
                              resume.best)
@@ -105,6 +107,7 @@ class MetaTraining:
         """What a checkpoint carries besides the tensors."""
         out = {"job": self.spec.name, "algorithm": self.job.algorithm.name,
                "mode": self.spec.runtime.mode, "train_seconds": self.seconds,
+               "validation_seconds": self.validation_seconds,
                "reserved_seconds": self.spend.reserved_seconds()}
         if self.best is not None:
             out.update(best_iteration=self.best[0], best_metric=self.best[1])
@@ -123,8 +126,10 @@ class MetaTraining:
         """Meta-validate the current init after iteration ``done``; keep it (and save
         it as best.safetensors) when it is the best so far and the run selects so."""
         job, spec = self.job, self.spec
+        t0 = time.perf_counter()
         current = self.executor.snapshot()
         metric, val_loss = validate(job, self.validator, current)
+        self.validation_seconds += time.perf_counter() - t0
         self.metrics.validated(val_loss, metric if spec.is_classification else None)
         entry = {"iteration": done, job.objective.metric_name: metric}
         if spec.is_classification:
@@ -174,6 +179,7 @@ class MetaTraining:
         return {
             "iterations": self.iterations,
             "seconds": self.seconds,
+            "validation_seconds": self.validation_seconds,
             "iterations_per_second": trained / session if session > 0 else None,
             "tasks_per_second": (trained * self.spec.algorithm.meta_batch / session
                                  if session > 0 else None),

@@ -56,6 +56,18 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
     assert "meta" in table and "random" in table and "steps to target" in table
     assert "break-even after" in table and "RQ3 goal 5x" in table
     assert "could not start" not in table
+    # where the job's time went: meta-training's steps, its 3 validations, the
+    # evaluation, within the whole job, and the table's line of it
+    timing = results["timing"]
+    assert timing["meta_training"] == mt["seconds"] and timing["validation"] > 0
+    assert timing["evaluation"] == ev["seconds"] > 0
+    assert timing["meta_training"] + timing["validation"] + timing["evaluation"] < timing["job"]
+    assert [line for line in table.splitlines() if line.startswith("time: ")] == [
+        f"time: meta-training {timing['meta_training']:.1f} s "
+        f"({100 * timing['meta_training'] / timing['job']:.0f}%), meta-validation "
+        f"{timing['validation']:.1f} s ({100 * timing['validation'] / timing['job']:.0f}%), "
+        f"final evaluation {timing['evaluation']:.1f} s "
+        f"({100 * timing['evaluation'] / timing['job']:.0f}%) of {timing['job']:.1f} s"]
     # a run on a cluster where some workers' nodes lacked what the job needs says so
     failed = {**results, "runtime": {**results["runtime"], "workers": 4,
                                      "workers_failed_to_start": ["A: x", "B: y", "A: x"]}}
