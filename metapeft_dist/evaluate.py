@@ -96,19 +96,34 @@ def target_step(spec: JobSpec) -> int:
     return min(spec.inner.steps, spec.eval.steps)
 
 
-# A piece of an evaluation: (init name, shot count, first task, tasks), one
+# A piece of an evaluation: (init name, shot count, first task, tasks, sweep), one
 # ``eval.chunk`` of the tasks at that shot count; the unit a scorer computes and, on the
 # Ray runtime, a worker (runtime/evaluation.py). Its curves are the same bits wherever
-# it is computed on one kind of machine: the same tasks, the same shapes.
-Piece = tuple[str, int, int, int]
+# it is computed on one kind of machine: the same tasks, the same shapes. The sweep is
+# "test", the final evaluation (meta-test tasks, stream = the shot count, the metric
+# after each of eval.steps steps), or "val", meta-validation (meta-val tasks of stream
+# VAL_STREAM at family.shots, the metric after each of inner.steps steps and the query
+# loss after the last).
+Piece = tuple[str, int, int, int, str]
+VAL_STREAM = 0  # meta-validation always uses the same tasks
 
 
-def pieces(spec: JobSpec, inits: list[Init]) -> list[Piece]:
-    """Every piece of a final evaluation, in the order their curves are assembled."""
-    tasks, chunk = spec.eval.tasks, spec.eval.chunk
-    return [(init.name, shots, start, min(chunk, tasks - start))
-            for shots in spec.eval.shots for init in inits
-            for start in range(0, tasks, chunk)]
+def pieces(spec: JobSpec, inits: list[Init], sweep: str = "test") -> list[Piece]:
+    """Every piece of a final evaluation (or of a meta-validation), in the order their
+    curves are assembled."""
+    if sweep == "test":
+        tasks, shot_counts = spec.eval.tasks, spec.eval.shots
+    else:
+        tasks, shot_counts = spec.eval.val_tasks, (spec.family.shots,)
+    chunk = spec.eval.chunk
+    return [(init.name, shots, start, min(chunk, tasks - start), sweep)
+            for shots in shot_counts for init in inits for start in range(0, tasks, chunk)]
+
+
+def assemble(curves: dict[Piece, np.ndarray], todo: list[Piece], name: str,
+             shots: int) -> np.ndarray:
+    """One init's curves at one shot count, in task order, from its pieces."""
+    return np.concatenate([curves[p] for p in todo if p[0] == name and p[1] == shots])
 
 
 class Scorer(Protocol):
@@ -131,21 +146,31 @@ class LocalScorer:
 
     def __init__(self, job: Job):
         self.job = job
-        self.evaluator = Evaluator(job, job.spec.eval.steps)
+        self._evaluators: dict[str, Evaluator] = {}
         self._prompters: dict[str, Any] = {}
         self.completed = 0
 
-    def piece(self, init: Init, shots: int, start: int, count: int) -> np.ndarray:
-        """Curves of the meta-test tasks ``start .. start+count-1`` at ``shots``; the
-        stream is the shot count: each shot setting has its own tasks, and all inits
-        see the same ones."""
+    def piece(self, init: Init, shots: int, start: int, count: int,
+              sweep: str = "test") -> np.ndarray:
+        """Curves of the tasks ``start .. start+count-1`` at ``shots`` of ``sweep``
+        (:data:`Piece`); in the final evaluation the stream is the shot count: each shot
+        setting has its own tasks, and all inits see the same ones."""
         spec = self.job.spec
-        episodes = self.job.episodes("test", shots, range(start, start + count), shots,
-                                     spec.eval.query)
+        split, stream, query = (("test", shots, spec.eval.query) if sweep == "test" else
+                                ("val", VAL_STREAM, None))
+        episodes = self.job.episodes(split, stream, range(start, start + count), shots, query)
         if init.prompted:
             return in_context_piece(self.job, self._prompter(init), init, episodes,
                                     spec.eval.steps)
-        return self.evaluator.score(init, *to_mx(episodes))
+        return self._evaluator(sweep).score(init, *to_mx(episodes))
+
+    def _evaluator(self, sweep: str) -> Evaluator:
+        if sweep not in self._evaluators:
+            spec = self.job.spec
+            self._evaluators[sweep] = (Evaluator(self.job, spec.eval.steps) if sweep == "test"
+                                       else Evaluator(self.job, spec.inner.steps,
+                                                      with_loss=True))
+        return self._evaluators[sweep]
 
     def _prompter(self, init: Init):
         if init.name not in self._prompters:
@@ -161,8 +186,8 @@ class LocalScorer:
         by_name = {init.name: init for init in inits}
         out = {}
         for piece in todo:
-            name, shots, start, count = piece
-            out[piece] = self.piece(by_name[name], shots, start, count)
+            name, shots, start, count, sweep = piece
+            out[piece] = self.piece(by_name[name], shots, start, count, sweep)
             self.completed += 1
             on_piece(piece)
         return out
@@ -189,7 +214,7 @@ def evaluate_job(job: Job, meta, on_progress: Progress = no_progress,
     finished: dict[tuple[str, int], int] = {}  # (init, shots) -> its tasks done
 
     def on_piece(piece: Piece) -> None:
-        name, shots, _, count = piece
+        name, shots, _, count, _ = piece
         finished[name, shots] = finished.get((name, shots), 0) + count
         on_progress("evaluate", len(finished_pieces) + 1, total,
                     {"shots": shots, "init": name,
@@ -203,9 +228,7 @@ def evaluate_job(job: Job, meta, on_progress: Progress = no_progress,
     by_shots: dict[str, Any] = {}
     for shots in spec.eval.shots:
         by_shots[str(shots)] = summarize(
-            {init.name: np.concatenate([curves[p] for p in todo
-                                        if p[0] == init.name and p[1] == shots])
-             for init in inits},
+            {init.name: assemble(curves, todo, init.name, shots) for init in inits},
             objective.higher_is_better, spec.eval.target, target_step(spec))
     out = {
         "metric": objective.metric_name,

@@ -18,14 +18,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metapeft_dist.cost import SpendMeter
-from metapeft_dist.evaluate import Evaluator, Progress, Scorer, no_progress
+from metapeft_dist.evaluate import LocalScorer, Progress, Scorer, assemble, no_progress, pieces
 from metapeft_dist.job import Init, Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
 from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
 from metapeft_dist.tree import Meta
-
-VAL_STREAM = 0  # meta-validation always uses the same tasks
-
 
 class Executor(Protocol):
     """Runs meta-iterations: the in-process MetaTrainer (trainer.py) or the Ray driver's
@@ -98,8 +95,12 @@ class MetaTraining:
             if resume.best is not None:
                 self.best = (resume.info["best_iteration"], resume.info["best_metric"],
                              resume.best)
-        self.validator = (Evaluator(job, spec.inner.steps, with_loss=True)
-                          if spec.eval.every else None)
+        # on the workers in sync mode (between steps, nothing else is in flight there;
+        # async chunks run across iterations), else here: the same bits either way
+        self.validator: Scorer | None = None
+        if spec.eval.every:
+            scorer = executor.scorer() if spec.runtime.mode == "sync" else None
+            self.validator = scorer if scorer is not None else LocalScorer(job)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.history = History(run_dir / "history.jsonl", self.start if resume else None)
 
@@ -180,6 +181,8 @@ class MetaTraining:
             "iterations": self.iterations,
             "seconds": self.seconds,
             "validation_seconds": self.validation_seconds,
+            "validation_on": (None if self.validator is None else
+                              "driver" if isinstance(self.validator, LocalScorer) else "workers"),
             "iterations_per_second": trained / session if session > 0 else None,
             "tasks_per_second": (trained * self.spec.algorithm.meta_batch / session
                                  if session > 0 else None),
@@ -209,12 +212,10 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
     return training.summary(final), selected
 
 
-def validate(job: Job, validator: Evaluator, meta: Meta) -> tuple[float, float]:
+def validate(job: Job, scorer: Scorer, meta: Meta) -> tuple[float, float]:
     """(metric, query loss) after adaptation, meta-validation tasks' mean."""
-    spec = job.spec
-    curves = validator.curves(Init("meta", meta, job.frozen), "val", spec.family.shots,
-                              spec.eval.val_tasks, VAL_STREAM, spec.eval.chunk)
-    if validator.with_loss:
-        return float(curves[:, -2].mean()), float(curves[:, -1].mean())
-    value = float(curves[:, -1].mean())
-    return value, value
+    init = Init("meta", meta, job.frozen)
+    todo = pieces(job.spec, [init], "val")
+    curves = assemble(scorer.run([init], todo, lambda piece: None), todo, "meta",
+                      job.spec.family.shots)
+    return float(curves[:, -2].mean()), float(curves[:, -1].mean())

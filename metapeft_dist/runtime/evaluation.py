@@ -34,11 +34,11 @@ class PieceWork:
         self.per_worker: dict[str, int] = {}  # host:pid -> pieces computed
 
     def submit(self, handle: Any, key: Piece) -> tuple[Any, Any]:
-        name, shots, start, count = key
+        name, shots, start, count, sweep = key
         init_id, ref = self.refs[name]
         self.counters["dispatched"] += 1
         return handle.evaluate_ref.options(num_returns=2).remote(init_id, [ref], shots,
-                                                                 start, count)
+                                                                 start, count, sweep)
 
     def done(self, handle: Any, key: Piece, timings: dict[str, Any],
              round_trip: float) -> None:

@@ -80,10 +80,10 @@ class RayWorker(Worker):
         return self.run(version, frame, iteration, start, count)
 
     def evaluate_ref(self, init_id: str, init_box: list, shots: int, start: int,
-                     count: int) -> tuple[dict[str, Any], Any]:
+                     count: int, sweep: str) -> tuple[dict[str, Any], Any]:
         """:meth:`Worker.evaluate`, its init frame fetched once per init."""
         frame = None if self.has_init(init_id) else ray.get(init_box[0])
-        return self.evaluate(init_id, frame, shots, start, count)
+        return self.evaluate(init_id, frame, shots, start, count, sweep)
 
 
 class WorkerPool:

@@ -25,6 +25,9 @@ from metapeft_dist.job import Init, build_job, read_init_frame
 from metapeft_dist.wire import TreeSpec, decode, encode
 
 
+KEEP_INITS = 8  # evaluation inits a worker holds: a final evaluation's, the latest others
+
+
 class Worker:
     def __init__(self, spec: dict[str, Any], frozen_frame: bytes | None = None,
                  files: dict[str, bytes] | None = None):
@@ -115,11 +118,12 @@ class Worker:
         return init_id in self._inits
 
     def evaluate(self, init_id: str, init_frame: bytes | None, shots: int, start: int,
-                 count: int) -> tuple[dict[str, Any], Any]:
-        """Curves (count, eval.steps + 1) of the meta-test tasks ``start ..
-        start+count-1`` at ``shots`` from the init the driver calls ``init_id``
+                 count: int, sweep: str = "test") -> tuple[dict[str, Any], Any]:
+        """Curves of the tasks ``start .. start+count-1`` at ``shots`` of ``sweep``
+        (evaluate.Piece) from the init the driver calls ``init_id``
         (evaluate.LocalScorer.piece: the same bits as the driver's own evaluation).
-        ``init_frame`` (job.init_frame) may be None when :meth:`has_init`."""
+        ``init_frame`` (job.init_frame) may be None when :meth:`has_init`; the
+        KEEP_INITS latest inits are kept."""
         from metapeft_dist.evaluate import LocalScorer
 
         started = time.time()
@@ -128,16 +132,14 @@ class Worker:
             if init_frame is None:
                 raise ValueError(f"evaluation init {init_id} was not sent")
             self._inits[init_id] = read_init_frame(init_frame, self.job.frozen)
+            while len(self._inits) > KEEP_INITS:  # a meta-validation's inits, one by one
+                del self._inits[next(iter(self._inits))]
         if self._scorer is None:
             self._scorer = LocalScorer(self.job)
-        curves = self._scorer.piece(self._inits[init_id], shots, start, count)
+        curves = self._scorer.piece(self._inits[init_id], shots, start, count, sweep)
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "compute_seconds": seconds, "started": started,
                 "ended": started + seconds, "host": platform.node(), "pid": os.getpid(),
                 "node_id": self.node_id, "kind": self.kind,
                 "bytes_in": len(init_frame) if init_frame is not None else 0}, curves
-
-    def forget_inits(self) -> None:
-        """The evaluation is over: its inits are dropped."""
-        self._inits.clear()
 

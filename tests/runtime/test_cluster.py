@@ -183,6 +183,25 @@ def test_a_node_killed_mid_run_costs_nothing_but_time(cluster, reference, tmp_pa
     cluster.wait_for_nodes()
 
 
+def test_meta_validation_on_the_workers_equals_it_in_process(cluster, tmp_path):
+    """Meta-validation every 4 iterations runs on the workers (sync mode); each score
+    equals the one computed here from the checkpoint of that iteration, bit for bit."""
+    from metapeft_dist.job import build_job
+    from metapeft_dist.evaluate import LocalScorer
+    from metapeft_dist.training import validate
+
+    spec = _spec("runtime.workers=3", "eval.every=4", "eval.val_tasks=6", "checkpoint.keep=4")
+    results = run_job(spec, tmp_path / "run")
+    training = results["meta_training"]
+    assert training["validation_on"] == "workers"
+    job = build_job(spec)
+    here = LocalScorer(job)
+    scores = {v["iteration"]: v["mse"] for v in training["validation"]}
+    assert sorted(scores) == [4, 8, 12, 16]
+    for iteration, path in list_checkpoints(tmp_path / "run" / "checkpoints"):
+        assert validate(job, here, load_checkpoint(path).meta)[0] == scores[iteration]
+
+
 def test_a_node_killed_during_the_evaluation_changes_no_bit_of_it(cluster, reference,
                                                                  tmp_path):
     """A node leaves after the first piece of the evaluation is in: the pieces its
