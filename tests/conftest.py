@@ -65,7 +65,9 @@ def local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, resources={"mlx": 2}, include_dashboard=False,
+    # "local": a Ray of its own, even while another test process's cluster runs beside
+    # it (pytest -n 2), which ray.init would otherwise join and refuse num_cpus
+    ray.init(address="local", num_cpus=2, resources={"mlx": 2}, include_dashboard=False,
              logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()

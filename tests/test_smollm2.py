@@ -51,7 +51,9 @@ def run(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     # started after the cache is set: Ray's workers inherit the environment it starts in
-    ray.init(num_cpus=2, resources={"mlx": 2}, include_dashboard=False,
+    # "local": a Ray of its own, even while another test process's cluster runs beside
+    # it (pytest -n 2), which ray.init would otherwise join and refuse num_cpus
+    ray.init(address="local", num_cpus=2, resources={"mlx": 2}, include_dashboard=False,
              logging_level="WARNING", log_to_driver=False)
     try:
         spec = load_spec(JOBS / "smollm2-jsonl-fomaml.yaml",
