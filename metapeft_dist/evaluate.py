@@ -13,6 +13,7 @@ but scored by in-context prompting with each task's support set
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Callable, Protocol
 
@@ -212,16 +213,14 @@ def evaluate_job(job: Job, meta, on_progress: Progress = no_progress,
     total = len(todo) + finetune
     t0 = time.perf_counter()
     finished: dict[tuple[str, int], int] = {}  # (init, shots) -> its tasks done
+    pieces_done = itertools.count(1)
 
     def on_piece(piece: Piece) -> None:
         name, shots, _, count, _ = piece
         finished[name, shots] = finished.get((name, shots), 0) + count
-        on_progress("evaluate", len(finished_pieces) + 1, total,
+        on_progress("evaluate", next(pieces_done), total,
                     {"shots": shots, "init": name,
                      "detail": f"{finished[name, shots]} of {spec.eval.tasks} tasks"})
-        finished_pieces.append(piece)
-
-    finished_pieces: list[Piece] = []
 
     curves = (scorer or LocalScorer(job)).run(inits, todo, on_piece)
     done = len(todo)

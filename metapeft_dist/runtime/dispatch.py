@@ -79,7 +79,7 @@ class ChunkLog:
         host = self.per_host.setdefault(worker, {"chunks": 0, "compute_seconds": 0.0})
         host["chunks"] += 1
         host["kind"] = timings.get("kind", "unknown")
-        self.pool.kinds[host["kind"]] = self.pool.kinds.get(host["kind"], 0) + 1
+        self.pool.counted_on(host["kind"])
         host["compute_seconds"] += timings["compute_seconds"]
 
     def lost(self, handle: Any | None, key: Key) -> None:

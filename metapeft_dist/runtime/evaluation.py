@@ -67,13 +67,11 @@ class RayScorer:
         curves: dict[Piece, np.ndarray] = {}
 
         def on_result(handle: Any, piece: Piece, result_ref: Any, timings: dict) -> None:
-            if piece in curves:
-                return  # computed twice (a worker lost after it answered): same bits
+            # a piece is queued again only when its result is lost: each arrives once
             curves[piece] = np.asarray(ray.get(result_ref))
             on_piece(piece)
 
-        self.dispatcher.loop(deque(todo), lambda: len(curves) == len(set(todo)), on_result,
-                             work)
+        self.dispatcher.loop(deque(todo), lambda: len(curves) == len(todo), on_result, work)
         return curves
 
     def stats(self) -> dict[str, Any]:

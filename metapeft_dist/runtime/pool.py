@@ -219,6 +219,10 @@ class WorkerPool:
         self.spend.power_reading(node, identity.get("energy_joules"),
                                  identity.get("time", time.time()))
 
+    def counted_on(self, kind: str) -> None:
+        """A chunk was computed on a machine of ``kind``."""
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
     def lost(self, handle: Any) -> None:
         """A worker stopped answering (a chunk was lost with it): its node is released
         when it was the last one there, and it is pinged until it answers again."""

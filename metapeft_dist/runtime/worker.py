@@ -21,6 +21,7 @@ import metapeft_dist  # noqa: F401  (OpenBLAS before mlx)
 from metapeft_dist.blas import machine_kind
 from metapeft_dist.config import from_dict
 from metapeft_dist.cost import read_energy_joules
+from metapeft_dist.evaluate import LocalScorer
 from metapeft_dist.job import Init, build_job, read_init_frame
 from metapeft_dist.wire import TreeSpec, decode, encode
 
@@ -44,7 +45,7 @@ class Worker:
         self.loss_fn = self.job.loss_fn()
         self._meta: tuple[int, Any] | None = None
         self._inits: dict[str, Init] = {}  # evaluation inits by the driver's id
-        self._scorer: Any = None  # evaluate.LocalScorer, built at the first piece
+        self._scorer: LocalScorer | None = None  # built at the first piece
         self._steps: dict[Hashable, Callable] = {}
         self.node_id = self.node_identity()["id"]  # fixed for the life of the process
         self.kind = machine_kind()  # what decides the bits of its results
@@ -124,8 +125,6 @@ class Worker:
         (evaluate.LocalScorer.piece: the same bits as the driver's own evaluation).
         ``init_frame`` (job.init_frame) may be None when :meth:`has_init`; the
         KEEP_INITS latest inits are kept."""
-        from metapeft_dist.evaluate import LocalScorer
-
         started = time.time()
         t0 = time.perf_counter()
         if init_id not in self._inits:
