@@ -68,7 +68,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from metapeft_dist.models.disk import cache_dir, save_atomic
+from metapeft_dist.models.disk import building, cache_dir, save_atomic
 from metapeft_dist.models.gguf import stderr_progress  # the conversion's progress lines
 from metapeft_dist.models.lm_states import (
     check_layout,
@@ -348,14 +348,15 @@ def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int,
     ``start``) for every corpus text: from the disk cache, else computed and cached."""
     prompts = tokenized_prompts(path, texts, max_len)
     file = cache_dir("causal_lm") / f"{corpus_key(path, PROMPT, texts, max_len, start)}.safetensors"
-    hidden = read_states(file, prompts)
-    if hidden is None:
-        print(f"metapeft: running {len(texts)} prompts through the frozen layers below "
-              f"layer {start} of {Path(path).name} (once; cached in {file.parent})",
-              file=sys.stderr, flush=True)
-        hidden = corpus_states(_load(path, *lora)[0], prompts["inputs.ids"],
-                               prompts["inputs.mask"], start, progress=stderr_progress())
-        save_atomic(file, {**prompts, "inputs.hidden": hidden})
+    with building(file, f"the states of {len(texts)} prompts"):
+        hidden = read_states(file, prompts)
+        if hidden is None:
+            print(f"metapeft: running {len(texts)} prompts through the frozen layers below "
+                  f"layer {start} of {Path(path).name} (once; cached in {file.parent})",
+                  file=sys.stderr, flush=True)
+            hidden = corpus_states(_load(path, *lora)[0], prompts["inputs.ids"],
+                                   prompts["inputs.mask"], start, progress=stderr_progress())
+            save_atomic(file, {**prompts, "inputs.hidden": hidden})
     return {**prompts, "inputs.hidden": hidden}
 
 

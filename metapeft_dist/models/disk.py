@@ -1,11 +1,16 @@
 """What the models compute once and keep on disk: under ``$METAPEFT_CACHE`` (default
 ``~/.cache/metapeft``), one folder per kind (``encoder`` and ``causal_lm`` corpus
-states, converted ``models``), each file written atomically."""
+states, converted ``models``), each file written atomically, and built by one process
+at a time."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import mlx.core as mx
 
@@ -22,3 +27,24 @@ def save_atomic(file: Path, arrays: dict[str, mx.array]) -> None:
     partial = file.with_suffix(f".{os.getpid()}.tmp.safetensors")
     mx.save_safetensors(str(partial), arrays)
     os.replace(partial, file)
+
+
+@contextlib.contextmanager
+def building(target: Path, what: str) -> Iterator[None]:
+    """Hold ``target``'s build lock (an flock on ``target.lock``) while the caller reads
+    the cached ``target`` or, when it is missing, builds it: processes that need the same
+    cache at once (a driver and its workers, jobs side by side) wait for the first to
+    build it, then read its file, instead of each computing it again. ``what`` names the
+    work in the one line a process prints when it waits."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"metapeft: waiting for another process building {what}", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

