@@ -76,7 +76,15 @@ def timing_line(timing: dict[str, Any]) -> str:
                                 ("validation", "meta-validation"),
                                 ("evaluation", "final evaluation"))
              if timing.get(key) is not None]
-    return f"time: {', '.join(parts)} of {job:.1f} s"
+    line = f"time: {', '.join(parts)} of {job:.1f} s"
+    startup = timing.get("startup") or {}
+    if startup.get("first_task") is not None:
+        steps = ", ".join(f"{label} at {startup[key]:.1f} s"
+                          for key, label in (("job_built", "job built"), ("ray", "Ray up"),
+                                             ("workers", "workers answering"))
+                          if key in startup)
+        line += f"; first task done {startup['first_task']:.1f} s in ({steps})"
+    return line
 
 
 def finetune_line(finetune: dict[str, Any], percent: bool) -> str:

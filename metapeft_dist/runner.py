@@ -128,6 +128,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
     # checkpoint's) instead of pretraining it again, and its meta-parameters come from the
     # checkpoint, so it no longer needs the run algorithm.hyper.init named.
     job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen}, 0))
+    built = time.time()
     spend = SpendMeter(spec.cost.node_table(), spec.cost.energy_usd_per_kwh)
     if resume is not None:
         spend.restore(resume.info.get("reserved_seconds", {}))
@@ -182,7 +183,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
             "runtime": runtime, "meta_training": training, "evaluation": evaluation,
             "cost": cost, "outcome": outcome,
         }
-        results["timing"] = timing(results)
+        results["timing"] = timing(results, started, built)
         write_json_atomic(run_dir / "results.json", results)
     except BaseException as err:
         outcome = job_outcome(ended_by(err), started, totals, f"{type(err).__name__}: {err}")
@@ -193,14 +194,20 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
     return results
 
 
-def timing(results: dict[str, Any]) -> dict[str, float | None]:
+def timing(results: dict[str, Any], started: float, built: float) -> dict[str, Any]:
     """Where the job's seconds went: meta-training's steps, its meta-validations, the
     final evaluation, and the whole job (setup, checkpoints and cost timing the rest);
-    a resumed run's meta-training counts its sessions before."""
-    training = results["meta_training"]
+    a resumed run's meta-training counts its sessions before. ``startup``: seconds from
+    the job's start (``started``) to the job built in this process (``built``), Ray
+    answering and the workers answering (the Ray runtime's milestones, taken out of
+    results' runtime section), and the first task completed (its throughput record)."""
+    training, runtime = results["meta_training"], results["runtime"]
+    milestones = {"job_built": built, **runtime.pop("started", {}),
+                  "first_task": runtime.get("throughput", {}).get("first")}
     return {"meta_training": training["seconds"],
             "validation": training.get("validation_seconds"),
-            "evaluation": results["evaluation"]["seconds"], "job": results["seconds"]}
+            "evaluation": results["evaluation"]["seconds"], "job": results["seconds"],
+            "startup": {k: t - started for k, t in milestones.items() if t is not None}}
 
 
 def open_run_dir(spec: JobSpec, job: Job, run_dir: Path, resume: Checkpoint | None,

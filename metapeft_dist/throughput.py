@@ -19,9 +19,11 @@ class Throughput:
         self.start = time.time() if start is None else start
         self.nodes: dict[str, list[int]] = {}
         self.end = self.start  # the latest completion: where the last bin really ends
+        self.first: float | None = None  # the first completion (the job's first task)
 
     def add(self, node: str, at: float, tasks: int) -> None:
         self.end = max(self.end, at)
+        self.first = at if self.first is None else min(self.first, at)
         index = max(0, int((at - self.start) // self.bin_seconds))
         while index >= self.MAX_BINS:
             self._coarsen()
@@ -37,4 +39,5 @@ class Throughput:
 
     def summary(self) -> dict[str, Any]:
         return {"bin_seconds": self.bin_seconds, "start": self.start, "end": self.end,
+                "first": self.first,
                 "nodes": {node: list(bins) for node, bins in self.nodes.items()}}

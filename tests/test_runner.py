@@ -58,7 +58,7 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
     assert "could not start" not in table
     # where the job's time went: meta-training's steps, its 3 validations, the
     # evaluation, within the whole job, and the table's line of it
-    timing = results["timing"]
+    timing, startup = results["timing"], results["timing"]["startup"]
     assert timing["meta_training"] == mt["seconds"] and timing["validation"] > 0
     assert timing["evaluation"] == ev["seconds"] > 0
     assert timing["meta_training"] + timing["validation"] + timing["evaluation"] < timing["job"]
@@ -67,7 +67,16 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
         f"({100 * timing['meta_training'] / timing['job']:.0f}%), meta-validation "
         f"{timing['validation']:.1f} s ({100 * timing['validation'] / timing['job']:.0f}%), "
         f"final evaluation {timing['evaluation']:.1f} s "
-        f"({100 * timing['evaluation'] / timing['job']:.0f}%) of {timing['job']:.1f} s"]
+        f"({100 * timing['evaluation'] / timing['job']:.0f}%) of {timing['job']:.1f} s; "
+        f"first task done {startup['first_task']:.1f} s in (job built at "
+        f"{startup['job_built']:.1f} s, Ray up at {startup['ray']:.1f} s, workers answering "
+        f"at {startup['workers']:.1f} s)"]
+    # the job is built, Ray answers (the test's, already up), the workers answer, then
+    # the first task is done, all within the job; the milestones leave the runtime section
+    startup = timing["startup"]
+    assert 0 < startup["job_built"] <= startup["ray"] < startup["workers"]
+    assert startup["workers"] <= startup["first_task"] < timing["job"]
+    assert "started" not in results["runtime"]
     # a run on a cluster where some workers' nodes lacked what the job needs says so
     failed = {**results, "runtime": {**results["runtime"], "workers": 4,
                                      "workers_failed_to_start": ["A: x", "B: y", "A: x"]}}
@@ -159,6 +168,13 @@ runtime: {{mode: local}}
 metrics: {{enabled: false}}
 """)
     whole = run_job(spec, tmp_path / "whole")
+    # in process (runtime.mode local): no Ray milestones, the job built, then a task done
+    startup = whole["timing"]["startup"]
+    assert set(startup) == {"job_built", "first_task"}
+    assert 0 < startup["job_built"] < startup["first_task"] < whole["timing"]["job"]
+    assert format_table(whole).splitlines()[-2].endswith(
+        f"; first task done {startup['first_task']:.1f} s in (job built at "
+        f"{startup['job_built']:.1f} s)")
     run_job(spec, tmp_path / "cut")
     kept = (tmp_path / "cut").resolve() / "tasks"
     assert {f.name: f.read_bytes() for f in kept.iterdir()} == originals

@@ -22,6 +22,7 @@ as the in-process :class:`metapeft_dist.trainer.MetaTrainer`; ``runner.py`` driv
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any, Callable
 
@@ -52,6 +53,7 @@ class RayExecutor:
         self.metrics = metrics if metrics is not None else NoMetrics()
         self.spend = spend if spend is not None else SpendMeter({})
         self.embedded = connect(address, self.runtime.workers)
+        self.started = {"ray": time.time()}  # startup milestones (results.json timing)
         self.tree_spec = TreeSpec.of(job.initial_meta)
         a, chunk = self.spec.algorithm, self.runtime.chunk
         chunks = [(s, min(chunk, a.meta_batch - s)) for s in range(0, a.meta_batch, chunk)]
@@ -60,6 +62,7 @@ class RayExecutor:
         version = ray.get(self.ps.get_version.remote())
         self.pool = WorkerPool(self.spec, ps_name, self.metrics, self.spend, log)
         self.pool.start()
+        self.started["workers"] = time.time()
         self.dispatcher = Dispatcher(self.spec, self.pool, self.ps, version, self.metrics,
                                      self.spend, log)
         self.stepper = (SyncStepper(self.dispatcher, chunks, self.metrics)
@@ -128,6 +131,7 @@ class RayExecutor:
             "kinds": dict(sorted(self.pool.kinds.items())),  # machine kind -> chunks computed
             "nodes": sorted(self.pool.live_on),
             "throughput": chunks["throughput"],
+            "started": self.started,
         }
 
     def release(self) -> None:
