@@ -155,6 +155,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
                                             metrics, spend)
             executor.release()
             runtime = executor.stats()
+            milestones = {"job_built": built, **runtime.pop("started", {})}
             totals = {"meta_iterations": spec.algorithm.iterations,
                       "tasks_completed": runtime.get("tasks_completed"),
                       "outer_updates": runtime.get("outer_updates"),
@@ -183,7 +184,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
             "runtime": runtime, "meta_training": training, "evaluation": evaluation,
             "cost": cost, "outcome": outcome,
         }
-        results["timing"] = timing(results, started, built)
+        results["timing"] = timing(results, started, milestones)
         write_json_atomic(run_dir / "results.json", results)
     except BaseException as err:
         outcome = job_outcome(ended_by(err), started, totals, f"{type(err).__name__}: {err}")
@@ -194,16 +195,17 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
     return results
 
 
-def timing(results: dict[str, Any], started: float, built: float) -> dict[str, Any]:
+def timing(results: dict[str, Any], started: float,
+           milestones: dict[str, float]) -> dict[str, Any]:
     """Where the job's seconds went: meta-training's steps, its meta-validations, the
     final evaluation, and the whole job (setup, checkpoints and cost timing the rest);
     a resumed run's meta-training counts its sessions before. ``startup``: seconds from
-    the job's start (``started``) to the job built in this process (``built``), Ray
-    answering and the workers answering (the Ray runtime's milestones, taken out of
-    results' runtime section), and the first task completed (its throughput record)."""
-    training, runtime = results["meta_training"], results["runtime"]
-    milestones = {"job_built": built, **runtime.pop("started", {}),
-                  "first_task": runtime.get("throughput", {}).get("first")}
+    the job's start (``started``) to each of ``milestones`` (the job built in this
+    process; on the Ray runtime, Ray and the workers answering), then to the first task
+    completed (the runtime's throughput record)."""
+    training = results["meta_training"]
+    first = results["runtime"].get("throughput", {}).get("first")
+    milestones = {**milestones, "first_task": first}
     return {"meta_training": training["seconds"],
             "validation": training.get("validation_seconds"),
             "evaluation": results["evaluation"]["seconds"], "job": results["seconds"],
