@@ -165,6 +165,8 @@ def _read_states(file: Path, count: int) -> Params | None:
 
 def _build_states(file: Path, path: str, texts: tuple[str, ...], max_len: int,
                   start: int) -> Params:
+    """Run every text through the frozen layers below ``start`` and cache the states in
+    ``file`` (the caller holds its build lock)."""
     config, params = _load(path)
     tokenizer = bert.Tokenizer(path)
     print(f"metapeft: encoding {len(texts)} texts through the frozen layers 0-{start - 1} of "
