@@ -19,6 +19,10 @@ Sections:
   evaluation  a final evaluation of the quickstart's size on 1 and 2 Ray workers (cold:
             with their compile; warm) and in-process, paired per round, and whether the
             curves are the same bits
+  jsonl     a user's text job on 40 JSONL tasks of WordNet glosses (MiniLM, LoRA, FOMAML,
+            200 iterations, 60 meta-test tasks at 1 and 5 shots, validated every 50) on
+            the embedded Ray with 2 workers: its wall time from `metapeft run` and where
+            it went (~15 minutes)
   metrics   tasks/s with metrics recorded, served and scraped vs metrics off (embedded
             Ray with 2 workers, and in-process), paired per round
   text      LoRA inits for the MiniLM encoder meta-learned on WordNet supersenses and
@@ -355,6 +359,61 @@ def bench_evaluation(rounds: int = 3) -> dict:
     return {"rounds": rows, "median": med}
 
 
+JSONL_SPEC = """
+name: bench-jsonl-40
+family: {{name: jsonl, path: {path}, ways: 5, shots: 5, query: 10}}
+model: {{kind: encoder, train: lora, lora: {{rank: 4, layers: 1}}}}
+algorithm: {{name: fomaml, iterations: 200}}
+runtime: {{mode: sync, workers: 2}}
+eval: {{tasks: 60, shots: [1, 5], every: 50, val_tasks: 20}}
+"""
+
+
+def write_jsonl_tasks(directory: Path, tasks: int = 40, ways: int = 5, per_label: int = 20,
+                      seed: int = 0) -> Path:
+    """``tasks`` JSONL task files a user could have written: each ``ways`` WordNet
+    supersenses (the shipped corpus) with ``per_label`` of their glosses, drawn with
+    ``seed`` (the same files on every machine)."""
+    import numpy as np
+
+    from metapeft_dist.tasks.text import shipped_corpus
+
+    corpus = shipped_corpus("wordnet")
+    members = corpus.members()
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for t in range(tasks):
+        lines = []
+        for c in sorted(rng.choice(len(corpus.names), ways, replace=False)):
+            for i in rng.choice(members[c], per_label, replace=False):
+                lines.append(json.dumps({"text": corpus.texts[i], "label": corpus.names[c]}))
+        (directory / f"task-{t:02d}.jsonl").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def bench_jsonl() -> dict:
+    """A user's text job on a directory of 40 JSONL tasks (issue 21's: 5-way, MiniLM,
+    LoRA rank 4 on the top layer, FOMAML, 200 iterations, 60 meta-test tasks at 1 and 5
+    shots, 20 meta-validation tasks every 50 iterations, the embedded Ray with 2
+    workers), run as `metapeft run` runs it: the job's wall time and where it went."""
+    data = write_jsonl_tasks(OUT / "jsonl-40")
+    spec_path = OUT / "bench-jsonl-40.yaml"
+    spec_path.write_text(JSONL_SPEC.format(path=data))
+    run_dir = OUT / "runs" / f"bench-jsonl-40-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    subprocess.run([str(ROOT / ".venv" / "bin" / "metapeft"), "run", str(spec_path),
+                    "--run-dir", str(run_dir)], check=True)
+    wall = time.perf_counter() - t0
+    results = json.loads((run_dir / "results.json").read_text())
+    timing = results["timing"]
+    print(f"the 40-task JSONL job: {wall:.0f} s wall ({wall / 60:.1f} min) from `metapeft "
+          f"run`; meta-training {timing['meta_training']:.0f} s, waiting for "
+          f"meta-validation {timing['validation']:.0f} s, final evaluation "
+          f"{timing['evaluation']:.0f} s; spec {spec_path}", flush=True)
+    return {"wall_seconds": wall, "timing": timing, "run_dir": str(run_dir),
+            "spec": str(spec_path)}
+
+
 METRICS_SPEC = """
 name: bench-metrics
 family: {name: digits, ways: 5, shots: 1, query: 15}
@@ -562,7 +621,7 @@ def bench_llm_section() -> dict:
 SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
             "digits": bench_digits, "gaussian": bench_gaussian,
             "distributed": bench_distributed, "evaluation": bench_evaluation,
-            "metrics": bench_metrics,
+            "jsonl": bench_jsonl, "metrics": bench_metrics,
             "text": bench_text_section, "select": bench_select_section,
             "hyper": bench_hyper_section, "llm": bench_llm_section}
 

@@ -127,6 +127,31 @@ def assemble(curves: dict[Piece, np.ndarray], todo: list[Piece], name: str,
     return np.concatenate([curves[p] for p in todo if p[0] == name and p[1] == shots])
 
 
+class Pending(Protocol):
+    """Pieces a scorer has started (:meth:`Scorer.start`)."""
+
+    def ready(self) -> bool:
+        """Whether every piece is done (then :meth:`wait` returns at once)."""
+        ...
+
+    def wait(self) -> dict[Piece, np.ndarray]:
+        """Every piece's curves, once they are done."""
+        ...
+
+
+class Done:
+    """A Pending whose pieces were computed when it was started."""
+
+    def __init__(self, curves: dict[Piece, np.ndarray]):
+        self.curves = curves
+
+    def ready(self) -> bool:
+        return True
+
+    def wait(self) -> dict[Piece, np.ndarray]:
+        return self.curves
+
+
 class Scorer(Protocol):
     """Computes pieces: :class:`LocalScorer` in this process, or the Ray workers."""
 
@@ -134,6 +159,12 @@ class Scorer(Protocol):
             on_piece: Callable[[Piece], None]) -> dict[Piece, np.ndarray]:
         """The curves (count, steps + 1) of every piece in ``todo``; ``on_piece`` is
         called as each one is done."""
+        ...
+
+    def start(self, inits: list[Init], todo: list[Piece],
+              on_piece: Callable[[Piece], None]) -> Pending:
+        """The same pieces, computed while the caller goes on where the scorer can
+        (the Ray workers: beside meta-training's next steps)."""
         ...
 
     def stats(self) -> dict[str, Any]:
@@ -192,6 +223,11 @@ class LocalScorer:
             self.completed += 1
             on_piece(piece)
         return out
+
+    def start(self, inits: list[Init], todo: list[Piece],
+              on_piece: Callable[[Piece], None]) -> Done:
+        """Here, nothing runs beside the caller: the pieces are computed now."""
+        return Done(self.run(inits, todo, on_piece))
 
     def stats(self) -> dict[str, Any]:
         return {"completed": self.completed}

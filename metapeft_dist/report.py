@@ -182,7 +182,7 @@ def plot_training(results: dict[str, Any], path: Path) -> None:
     seconds = training.get("seconds")
     timing = results.get("timing") or {}
     shares = "".join(f"; {label} {timing[key]:.1f} s" for key, label in (
-        ("validation", "meta-validation"), ("evaluation", "final evaluation"))
+        ("validation", "waiting for meta-validation"), ("evaluation", "final evaluation"))
         if timing.get(key) is not None)
     ax.set_title(f"Meta-training: {_heading(results)}"
                  + (f" ({training.get('iterations')} iterations, {seconds:.1f} s{shares})"

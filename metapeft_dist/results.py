@@ -73,7 +73,7 @@ def timing_line(timing: dict[str, Any]) -> str:
     job = timing["job"] or float("nan")
     parts = [f"{label} {timing[key]:.1f} s ({100 * timing[key] / job:.0f}%)"
              for key, label in (("meta_training", "meta-training"),
-                                ("validation", "meta-validation"),
+                                ("validation", "waiting for meta-validation"),
                                 ("evaluation", "final evaluation"))
              if timing.get(key) is not None]
     line = f"time: {', '.join(parts)} of {job:.1f} s"

@@ -2,10 +2,15 @@
 Ray driver): steps, the training curve, meta-validation, checkpoints, and the
 choice of the init the run ends with.
 
-With ``eval.select: best`` the selected init is the one with the best meta-validation
-metric (also saved as checkpoints/best.safetensors), else the last one. Periodic
-checkpoints carry the best init so far, so a resumed run selects exactly as an
-uninterrupted one would. Checkpoints carry the nodes' reserved seconds so far (the cost
+Meta-validation runs where the executor's scorer computes (the Ray workers, beside the
+next steps: a validation started after iteration t measures the init of iteration t
+and is recorded under t whenever it ends; in process, at once). Validations are taken
+in iteration order. With ``eval.select: best`` the selected init is the one with the
+best meta-validation metric (also saved as checkpoints/best.safetensors), else the last
+one. A periodic checkpoint after iteration t waits for the validations before t and
+carries the best init so far; one of t itself still out is named in its info
+(``validating``) and done again by a run resumed there, so a resumed run selects exactly
+as an uninterrupted one would. Checkpoints carry the nodes' reserved seconds so far (the cost
 meter the executor holds its nodes on), so a resumed run's cost counts the sessions
 before it.
 """
@@ -14,14 +19,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
 from metapeft_dist.cost import SpendMeter
-from metapeft_dist.evaluate import LocalScorer, Progress, Scorer, assemble, no_progress, pieces
+from metapeft_dist.evaluate import (LocalScorer, Pending, Piece, Progress, Scorer, assemble,
+                                   no_progress, pieces)
 from metapeft_dist.job import Init, Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
-from metapeft_dist.runtime.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
+from metapeft_dist.runtime.checkpoint import (Checkpoint, checkpoint_path, prune_checkpoints,
+                                             save_checkpoint)
 from metapeft_dist.tree import Meta
 
 class Executor(Protocol):
@@ -49,14 +57,17 @@ class History:
     """The training curve and meta-validation scores, one JSON line per entry in
     RUN_DIR/history.jsonl, so a resumed run keeps what came before its checkpoint."""
 
-    def __init__(self, path: Path, resume_at: int | None):
+    def __init__(self, path: Path, resume_at: int | None, redo_validation: int | None = None):
+        """``redo_validation``: an iteration whose validation the resumed run does again
+        (it was out when its checkpoint was written), so its entry is not kept."""
         self.path = path
         self.curve: list[dict[str, Any]] = []
         self.validation: list[dict[str, Any]] = []
         if resume_at is not None and path.is_file():
             for line in path.read_text().splitlines():
                 entry = json.loads(line)
-                if entry["iteration"] <= resume_at:
+                if entry["iteration"] <= resume_at and not (
+                        entry["kind"] == "validation" and entry["iteration"] == redo_validation):
                     getattr(self, entry.pop("kind")).append(entry)
         self._file = open(path, "w")
         for kind in ("curve", "validation"):
@@ -88,21 +99,24 @@ class MetaTraining:
         self.best: tuple[int, float, Meta] | None = None  # (iteration, metric, meta)
         self.seconds = 0.0  # meta-training so far, sessions before this one included
         self.seconds_before = 0.0
-        self.validation_seconds = 0.0  # in meta-validation so far, likewise
+        self.validation_seconds = 0.0  # waiting for meta-validation so far, likewise
         if resume is not None:
             self.seconds = self.seconds_before = resume.info.get("train_seconds", 0.0)
             self.validation_seconds = resume.info.get("validation_seconds", 0.0)
             if resume.best is not None:
                 self.best = (resume.info["best_iteration"], resume.info["best_metric"],
                              resume.best)
-        # on the workers in sync mode (between steps, nothing else is in flight there;
-        # async chunks run across iterations), else here: the same bits either way
+        # on the workers beside the steps (Ray), else here: the same bits either way
         self.validator: Scorer | None = None
         if spec.eval.every:
-            scorer = executor.scorer() if spec.runtime.mode == "sync" else None
+            scorer = executor.scorer()
             self.validator = scorer if scorer is not None else LocalScorer(job)
+        self.validating: deque[Validation] = deque()  # started, in iteration order
+        redo = resume.info.get("validating") if resume is not None else None
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.history = History(run_dir / "history.jsonl", self.start if resume else None)
+        self.history = History(run_dir / "history.jsonl", self.start if resume else None, redo)
+        if redo is not None and self.validator is not None:
+            self.start_validation(redo, resume.meta)
 
     def info(self) -> dict[str, Any]:
         """What a checkpoint carries besides the tensors."""
@@ -112,9 +126,14 @@ class MetaTraining:
                "reserved_seconds": self.spend.reserved_seconds()}
         if self.best is not None:
             out.update(best_iteration=self.best[0], best_metric=self.best[1])
+        if self.validating:
+            out["validating"] = self.validating[0].iteration
         return out
 
     def checkpoint(self, iteration: int) -> Path:
+        """The state after ``iteration``, once the validations before it are in (one of
+        ``iteration`` itself may still be out: :meth:`info` names it)."""
+        self.finish_validations(before=iteration)
         path = checkpoint_path(self.checkpoint_dir, iteration)
         self.executor.checkpoint(str(path), iteration, self.info(),
                                  self.best[2] if self.best else None)
@@ -123,14 +142,40 @@ class MetaTraining:
                           protect={self.iterations})
         return path
 
-    def validate(self, done: int) -> float:
-        """Meta-validate the current init after iteration ``done``; keep it (and save
-        it as best.safetensors) when it is the best so far and the run selects so."""
-        job, spec = self.job, self.spec
+    def start_validation(self, done: int, meta: Meta | None = None) -> None:
+        """Start meta-validating the init after iteration ``done`` (``meta``, by
+        default the executor's current one)."""
         t0 = time.perf_counter()
-        current = self.executor.snapshot()
-        metric, val_loss = validate(job, self.validator, current)
+        current = meta if meta is not None else self.executor.snapshot()
+        init = Init("meta", current, self.job.frozen)
+        todo = pieces(self.spec, [init], "val")
+        pending = self.validator.start([init], todo, lambda piece: None)
+        self.validating.append(Validation(done, current, todo, pending))
         self.validation_seconds += time.perf_counter() - t0
+
+    def finish_validations(self, wait: bool = False, before: int | None = None
+                           ) -> list[tuple[int, float]]:
+        """Record the validations that are done, in iteration order (with ``wait``,
+        every one started; with ``before``, every one of an iteration before it):
+        (iteration, metric) of each."""
+        out = []
+        t0 = time.perf_counter()
+        while self.validating:
+            head = self.validating[0]
+            if not (head.pending.ready() or wait or
+                    (before is not None and head.iteration < before)):
+                break
+            curves = head.pending.wait()
+            self.validating.popleft()
+            out.append((head.iteration, self.validated(head, curves)))
+        self.validation_seconds += time.perf_counter() - t0
+        return out
+
+    def validated(self, validation: "Validation", curves: dict[Piece, Any]) -> float:
+        """Record a finished validation; keep its init (and save it as
+        best.safetensors) when it is the best so far and the run selects so."""
+        job, spec, done = self.job, self.spec, validation.iteration
+        metric, val_loss = scores(job, curves, validation.todo)
         self.metrics.validated(val_loss, metric if spec.is_classification else None)
         entry = {"iteration": done, job.objective.metric_name: metric}
         if spec.is_classification:
@@ -138,9 +183,9 @@ class MetaTraining:
         self.history.add("validation", entry)
         better = (lambda a, b: a > b) if job.objective.higher_is_better else (lambda a, b: a < b)
         if spec.eval.select == "best" and (self.best is None or better(metric, self.best[1])):
-            self.best = (done, metric, current)
-            self.executor.checkpoint(str(self.checkpoint_dir / "best.safetensors"), done,
-                                     {**self.info(), "val": metric})
+            self.best = (done, metric, validation.meta)
+            save_checkpoint(self.checkpoint_dir / "best.safetensors", done, validation.meta,
+                            {}, job.stored_frozen(), {**self.info(), "val": metric})
         return metric
 
     def run(self, on_progress: Progress) -> Path:
@@ -162,11 +207,16 @@ class MetaTraining:
                                            "loss": sum(w[0] for w in window) / len(window),
                                            "grad_norm": sum(w[1] for w in window) / len(window)})
                 window = []
-            if self.validator is not None and (done % every_val == 0 or done == iterations):
-                progress["val"] = self.validate(done)
+            if self.validator is not None:
+                if done % every_val == 0 or done == iterations:
+                    self.start_validation(done)
+                finished = self.finish_validations(wait=done == iterations)
+                if finished:
+                    progress["val_iteration"], progress["val"] = finished[-1]
             if every_ckpt and done % every_ckpt == 0 and done < iterations:
                 self.checkpoint(done)
             on_progress("meta-train", done, iterations, progress)
+        self.finish_validations(wait=True)  # a resumed run's redone one, at its end
         final = checkpoint_path(self.checkpoint_dir, iterations)
         if self.start < iterations or not final.is_file():
             final = self.checkpoint(iterations)
@@ -212,10 +262,23 @@ def meta_train(job: Job, executor: Executor, run_dir: Path, on_progress: Progres
     return training.summary(final), selected
 
 
+class Validation:
+    """A meta-validation started: the iteration it measures, that init, its pieces and
+    the scorer's pending result."""
+
+    def __init__(self, iteration: int, meta: Meta, todo: list[Piece], pending: Pending):
+        self.iteration, self.meta, self.todo, self.pending = iteration, meta, todo, pending
+
+
+def scores(job: Job, curves: dict[Piece, Any], todo: list[Piece]) -> tuple[float, float]:
+    """(metric, query loss) after adaptation, meta-validation tasks' mean, from the
+    curves of its pieces."""
+    values = assemble(curves, todo, "meta", job.spec.family.shots)
+    return float(values[:, -2].mean()), float(values[:, -1].mean())
+
+
 def validate(job: Job, scorer: Scorer, meta: Meta) -> tuple[float, float]:
     """(metric, query loss) after adaptation, meta-validation tasks' mean."""
     init = Init("meta", meta, job.frozen)
     todo = pieces(job.spec, [init], "val")
-    curves = assemble(scorer.run([init], todo, lambda piece: None), todo, "meta",
-                      job.spec.family.shots)
-    return float(curves[:, -2].mean()), float(curves[:, -1].mean())
+    return scores(job, scorer.run([init], todo, lambda piece: None), todo)

@@ -17,6 +17,15 @@ def _raise_stopped(signum, frame) -> None:
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
+def _val_text(done: int, info: dict[str, Any]) -> str:
+    """A meta-validation that ended at this iteration, with the iteration it measured
+    when that was an earlier one (it ran beside the steps since)."""
+    if "val" not in info:
+        return ""
+    at = info.get("val_iteration", done)
+    return f"  val {info['val']:.4f}" + (f" (of iteration {at})" if at != done else "")
+
+
 class _ProgressPrinter:
     """Renders runner progress on stderr: a bar for meta-training, lines otherwise."""
 
@@ -36,8 +45,7 @@ class _ProgressPrinter:
         elif stage == "meta-train" and self.lines:
             if done == total or done * 10 // total > self.shown * 10 // total:
                 text = f"meta-training {done}/{total}: loss {info['loss']:.4f}"
-                if "val" in info:
-                    text += f"  val {info['val']:.4f}"
+                text += _val_text(done, info)
                 click.echo(text, err=True)
             self.shown = done
         elif stage == "meta-train":
@@ -46,10 +54,7 @@ class _ProgressPrinter:
                                              file=sys.stderr, show_pos=True, show_eta=True,
                                              item_show_func=lambda x: x)
                 self.bar.__enter__()
-            text = f"loss {info['loss']:.4f}"
-            if "val" in info:
-                text += f"  val {info['val']:.4f}"
-            self.bar.current_item = text
+            self.bar.current_item = f"loss {info['loss']:.4f}{_val_text(done, info)}"
             self.bar.update(done - self.shown)
             self.shown = done
             if done == total:

@@ -119,8 +119,29 @@ class ChunkWork:
         self.dispatcher.ledger.lost(handle, key)
 
 
+class Batch:
+    """Keys of one kind of work in the loop: those still to go out (``todo``; a lost one
+    comes back here), ``on_result(handle, key, result_ref, timings)`` for each finished
+    one (it may raise LOST when the result object went with its node), and how many
+    are out now."""
+
+    def __init__(self, todo: deque, work: Work, on_result: Callable):
+        self.todo, self.work, self.on_result = todo, work, on_result
+        self.out = 0
+
+    def finished(self) -> bool:
+        return not self.todo and not self.out
+
+
 class Dispatcher:
-    """Runs chunks on the pool's workers at the parameter server's current version."""
+    """Runs keys of work on the pool's workers: meta-training's chunks at the parameter
+    server's current version, in the loop a stepper runs, and beside them the
+    background batches (a meta-validation's pieces), which run while the steps go on.
+
+    A free slot goes to the loop's own keys first, so meta-training runs at the pace it
+    would alone and a background batch fills the slots it leaves idle (in sync mode, at
+    each iteration's barrier); a background batch with nothing out gets a slot anyway,
+    so it progresses while async chunks keep every slot busy."""
 
     def __init__(self, spec: JobSpec, pool: WorkerPool, ps: Any, version: int,
                  metrics: JobMetrics, spend: SpendMeter, log: Callable[[str], None]):
@@ -128,8 +149,9 @@ class Dispatcher:
         self.stall_timeout = spec.runtime.stall_timeout
         self.version = version  # of the meta-parameters chunks are computed at
         self.ledger = ChunkLog(spec, pool, metrics, spend)
-        # timings ref -> (worker, key, result ref, when dispatched, its work)
-        self.inflight: dict[Any, tuple[Any, Any, Any, float, Work]] = {}
+        # timings ref -> (worker, key, result ref, when dispatched, its batch)
+        self.inflight: dict[Any, tuple[Any, Any, Any, float, Batch]] = {}
+        self.background: list[Batch] = []
         self._meta_ref: tuple[int, Any] | None = None
         self.chunks = ChunkWork(self)
 
@@ -146,9 +168,25 @@ class Dispatcher:
             self._meta_ref = (self.version, self.ps.meta_frame.remote())
         return self._meta_ref[1]
 
-    def _dispatch(self, handle: Any, key: Any, work: Work) -> None:
-        timings_ref, result_ref = work.submit(handle, key)
-        self.inflight[timings_ref] = (handle, key, result_ref, time.monotonic(), work)
+    def _dispatch(self, handle: Any, batch: Batch) -> None:
+        key = batch.todo.popleft()
+        timings_ref, result_ref = batch.work.submit(handle, key)
+        batch.out += 1
+        self.inflight[timings_ref] = (handle, key, result_ref, time.monotonic(), batch)
+
+    def _fill(self, batch: Batch) -> None:
+        """Hand out keys to the free slots: ``batch``'s first, then the background's
+        (module docstring)."""
+        slots = self.pool.slots
+        waiting = [b for b in self.background if b.todo]
+        for b in waiting:  # each background batch keeps one key out
+            if slots and not b.out:
+                self._dispatch(slots.popleft(), b)
+        while slots and batch.todo:
+            self._dispatch(slots.popleft(), batch)
+        for b in waiting:
+            while slots and b.todo:
+                self._dispatch(slots.popleft(), b)
 
     def lost(self, handle: Any | None, err: BaseException, key: Any,
              work: Work | None = None) -> None:
@@ -159,56 +197,68 @@ class Dispatcher:
         if handle is not None:
             self.pool.lost(handle)
 
-    def _wait(self) -> tuple[list[tuple[Any, Key, Any, dict]], list[Key]]:
-        """Wait (at most WAIT_SECONDS) for chunks and pings to finish. Returns the
-        finished chunks as (handle, key, frame_ref, timings) and the keys of lost ones."""
+    def _wait(self) -> bool:
+        """Wait (at most WAIT_SECONDS) for keys and pings to finish, and hand each
+        finished key to its batch (a lost one back to its batch's todo). Returns
+        whether any key finished."""
         refs = list(self.inflight) + self.pool.ping_refs()
         if not refs:
             time.sleep(WAIT_SECONDS)
-            return [], []
+            return False
         ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_SECONDS)
         if ready:  # take everything else that is already done too
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        done, lost = [], []
+        finished = False
         for ref in ready:
             if self.pool.answered(ref):
                 continue
-            handle, key, result_ref, dispatched, work = self.inflight.pop(ref)
+            handle, key, result_ref, dispatched, batch = self.inflight.pop(ref)
+            batch.out -= 1
             try:
                 timings = ray.get(ref)
             except LOST as err:
-                self.lost(handle, err, key, work)
-                lost.append(key)
+                self.lost(handle, err, key, batch.work)
+                batch.todo.append(key)
                 continue
             self.pool.slots.append(handle)
-            work.done(handle, key, timings, time.monotonic() - dispatched)
-            done.append((handle, key, result_ref, timings))
+            batch.work.done(handle, key, timings, time.monotonic() - dispatched)
+            finished = True
+            try:
+                batch.on_result(handle, key, result_ref, timings)
+            except LOST as err:  # the result object went with its node
+                self.lost(None, err, key, batch.work)
+                batch.todo.append(key)
+        self.background = [b for b in self.background if not b.finished()]
         self.pool.report()
-        return done, lost
+        return finished
 
-    def loop(self, todo: deque, finished: Callable[[], bool], on_result: Callable,
-             work: Work | None = None) -> None:
+    def loop(self, todo: deque, on_result: Callable, work: Work | None = None,
+             finished: Callable[[], bool] | None = None) -> None:
         """Dispatch ``todo``'s keys of ``work`` (default: meta-training's chunks; lost
-        ones are put back) until ``finished()``; ``on_result(handle, key, result_ref,
-        timings)`` takes each finished one and may raise LOST when its result object
-        went with its node."""
-        work = work if work is not None else self.chunks
+        ones are put back) until ``finished()`` (default: all of them done), the
+        background batches beside them; ``on_result(handle, key, result_ref, timings)``
+        takes each finished one and may raise LOST when its result object went with its
+        node."""
+        batch = Batch(todo, work if work is not None else self.chunks, on_result)
+        done = finished if finished is not None else batch.finished
         last_progress = time.monotonic()
-        slots = self.pool.slots
-        while not finished():
-            while todo and slots:
-                self._dispatch(slots.popleft(), todo.popleft(), work)
-            results, lost = self._wait()
-            todo.extend(lost)
-            for item in results:
-                try:
-                    on_result(*item)
-                except LOST as err:  # the result object went with its node
-                    self.lost(None, err, item[1], work)
-                    todo.append(item[1])
-            if results:
+        while not done():
+            self._fill(batch)
+            if self._wait():
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > self.stall_timeout:
                 raise StallError(
                     f"no task result for {self.stall_timeout:.0f} s "
                     f"({self.pool.answering()} of {len(self.pool.workers)} workers answering)")
+
+    def start(self, todo: deque, on_result: Callable, work: Work) -> Batch:
+        """Run ``todo``'s keys of ``work`` in the background: they go out whenever a
+        loop runs (a step, or :meth:`drain`)."""
+        batch = Batch(todo, work, on_result)
+        if not batch.finished():
+            self.background.append(batch)
+        return batch
+
+    def drain(self, batch: Batch) -> None:
+        """Run the loop until the background ``batch`` is done."""
+        self.loop(deque(), lambda *item: None, self.chunks, batch.finished)

@@ -22,7 +22,7 @@ import ray
 
 from metapeft_dist.evaluate import Piece
 from metapeft_dist.job import Init, Job, init_frame
-from metapeft_dist.runtime.dispatch import Dispatcher
+from metapeft_dist.runtime.dispatch import Batch, Dispatcher
 
 
 class PieceWork:
@@ -57,8 +57,10 @@ class RayScorer:
         self.job, self.dispatcher = job, dispatcher
         self.last: PieceWork | None = None  # the latest run's counters, for the stats
 
-    def run(self, inits: list[Init], todo: list[Piece],
-            on_piece: Callable[[Piece], None]) -> dict[Piece, np.ndarray]:
+    def start(self, inits: list[Init], todo: list[Piece],
+              on_piece: Callable[[Piece], None]) -> "RayPending":
+        """The pieces go out in the background (dispatch.Dispatcher.start): whenever
+        the dispatch loop runs, beside meta-training's chunks."""
         tag = uuid.uuid4().hex[:8]
         refs = {init.name: (f"{init.name}-{tag}", ray.put(init_frame(init, self.job.frozen)))
                 for init in inits}
@@ -71,10 +73,28 @@ class RayScorer:
             curves[piece] = np.asarray(ray.get(result_ref))
             on_piece(piece)
 
-        self.dispatcher.loop(deque(todo), lambda: len(curves) == len(todo), on_result, work)
-        return curves
+        batch = self.dispatcher.start(deque(todo), on_result, work)
+        return RayPending(self.dispatcher, batch, curves)
+
+    def run(self, inits: list[Init], todo: list[Piece],
+            on_piece: Callable[[Piece], None]) -> dict[Piece, np.ndarray]:
+        return self.start(inits, todo, on_piece).wait()
 
     def stats(self) -> dict[str, Any]:
         if self.last is None:
             return {}
         return {**self.last.counters, "per_worker": dict(self.last.per_worker)}
+
+
+class RayPending:
+    """An evaluate.Pending: pieces out on the workers."""
+
+    def __init__(self, dispatcher: Dispatcher, batch: Batch, curves: dict[Piece, np.ndarray]):
+        self.dispatcher, self.batch, self.curves = dispatcher, batch, curves
+
+    def ready(self) -> bool:
+        return self.batch.finished()
+
+    def wait(self) -> dict[Piece, np.ndarray]:
+        self.dispatcher.drain(self.batch)
+        return self.curves

@@ -45,7 +45,7 @@ class SyncStepper:
             submitted[self.ps.submit.remote(iteration, key[1], frame_ref)] = key
 
         while len(accepted) < len(self.chunks):
-            d.loop(todo, lambda: not todo and not d.inflight, on_result)
+            d.loop(todo, on_result)
             # Queued behind the submits (an actor runs calls in order): applies the update
             # as soon as the last result is in, and returns the next meta-parameters.
             applied, frame_ref = self.ps.apply_and_frame.options(num_returns=2).remote(
@@ -106,9 +106,8 @@ class AsyncStepper:
             else:
                 self.metrics.update_dropped(out["staleness"])
 
-        d.loop(self.queue,
-               lambda: all(n == 0 for i, n in self.left.items() if i <= iteration),
-               on_result)
+        d.loop(self.queue, on_result,
+               finished=lambda: all(n == 0 for i, n in self.left.items() if i <= iteration))
         losses = self.losses.pop(iteration, [])
         if not losses:
             return float("nan"), float("nan")

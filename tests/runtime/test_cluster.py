@@ -184,22 +184,57 @@ def test_a_node_killed_mid_run_costs_nothing_but_time(cluster, reference, tmp_pa
 
 
 def test_meta_validation_on_the_workers_equals_it_in_process(cluster, tmp_path):
-    """Meta-validation every 4 iterations runs on the workers (sync mode); each score
-    equals the one computed here from the checkpoint of that iteration, bit for bit."""
+    """Meta-validation every 4 iterations runs on the workers beside the next steps
+    (sync mode): each score is recorded under the iteration it measured, after later
+    steps ran, and equals the one computed here from the checkpoint of that iteration,
+    bit for bit. A run resumed from a checkpoint whose iteration's validation was still
+    out does that validation again: the same scores and the same selected init."""
     from metapeft_dist.job import build_job
     from metapeft_dist.evaluate import LocalScorer
     from metapeft_dist.training import validate
 
-    spec = _spec("runtime.workers=3", "eval.every=4", "eval.val_tasks=6", "checkpoint.keep=4")
-    results = run_job(spec, tmp_path / "run")
+    spec = _spec("runtime.workers=3", "eval.every=4", "eval.val_tasks=6", "eval.select=best",
+                 "checkpoint.keep=4")
+    ended: dict[int, int] = {}  # validated iteration -> the step it was recorded after
+
+    def on_progress(stage, done, total, info):
+        if stage == "meta-train" and "val" in info:
+            ended[info["val_iteration"]] = done
+
+    run = tmp_path / "run"
+    results = run_job(spec, run, on_progress)
     training = results["meta_training"]
     assert training["validation_on"] == "workers"
+    # only the last one is waited for: the others ended while later steps ran
+    assert ended == {4: ended[4], 8: ended[8], 12: ended[12], 16: 16}
+    assert all(ended[i] > i for i in (4, 8, 12))
     job = build_job(spec)
     here = LocalScorer(job)
     scores = {v["iteration"]: v["mse"] for v in training["validation"]}
     assert sorted(scores) == [4, 8, 12, 16]
-    for iteration, path in list_checkpoints(tmp_path / "run" / "checkpoints"):
+    checkpoints = dict(list_checkpoints(run / "checkpoints"))
+    for iteration, path in checkpoints.items():
         assert validate(job, here, load_checkpoint(path).meta)[0] == scores[iteration]
+    # iteration 8's validation was out when its checkpoint was written
+    assert load_checkpoint(checkpoints[8]).info["validating"] == 8
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    for iteration in (12, 16):
+        (resumed / "checkpoints" / checkpoints[iteration].name).unlink()
+    (resumed / "results.json").unlink()
+    history = resumed / "history.jsonl"  # as if the driver died before it ended
+    lines = history.read_text().splitlines(True)
+    kept = [line for line in lines
+            if (json.loads(line)["kind"], json.loads(line)["iteration"]) != ("validation", 8)]
+    assert len(kept) == len(lines) - 1
+    history.write_text("".join(kept))
+    again = run_job(spec, resumed, resume=load_checkpoint(resumed / "checkpoints" /
+                                                          checkpoints[8].name))
+    assert again["meta_training"]["validation"] == training["validation"]
+    assert again["meta_training"]["selected_iteration"] == training["selected_iteration"]
+    assert _bitwise_equal(
+        load_checkpoint(again["meta_training"]["selected_checkpoint"]).meta,
+        load_checkpoint(training["selected_checkpoint"]).meta)
 
 
 def test_a_node_killed_during_the_evaluation_changes_no_bit_of_it(cluster, reference,
