@@ -8,7 +8,9 @@ RQ1-RQ3 and Experiments 1-3, which the sections measure: docs/research-questions
 Sections:
   blas      1024x1024 float32 matmul: MLX's bundled BLAS vs OpenBLAS (median of 5)
   speed     sinusoid second-order MAML (K=10, meta-batch 25, 1 inner step) meta-iterations
-            per second: per-task loop vs mx.vmap vs mx.compile vs both (median of 3)
+            per second: per-task loop vs mx.vmap vs mx.compile vs both (median of 3); then
+            first and second order against the same MAML in JAX (bench/jax_maml.py, in
+            .bench/jax-venv), three alternating rounds, the median ratio
   sinusoid  jobs/sinusoid-maml.yaml end to end: MSE after 1 and 10 steps, 600 tasks
   digits    jobs/digits-*.yaml, five algorithms: 1-shot gain over random init and
             5-shot accuracy after the inner-loop step count, with 95% CIs
@@ -23,6 +25,10 @@ Sections:
             200 iterations, 60 meta-test tasks at 1 and 5 shots, validated every 50) on
             the embedded Ray with 2 workers: its wall time from `metapeft run` and where
             it went (~15 minutes)
+  flops     the MiniLM encoder's LoRA inner step (jobs/wordnet-fomaml.yaml, 2 and 20 tasks)
+            and SmolLM2-135M's (cached path, float32, 25 prompts): FLOPs counted per step,
+            the FLOP/s achieved and the float32 GEMM rate of the same products, timed
+            alternately (bench/flops.py)
   metrics   tasks/s with metrics recorded, served and scraped vs metrics off (embedded
             Ray with 2 workers, and in-process), paired per round
   text      LoRA inits for the MiniLM encoder meta-learned on WordNet supersenses and
@@ -128,6 +134,70 @@ def bench_speed() -> dict:
     print(f"fastest: {best}; vs the per-task loop: "
           f"{out[best]['iterations_per_second'] / out['loop']['iterations_per_second']:.1f}x; "
           f"target >= {5 * REFERENCE_ITERATIONS_PER_SECOND:.0f} it/s")
+    out["jax"] = bench_against_jax()
+    return out
+
+
+JAX_VERSION = "0.10.2"
+
+
+def _jax_python() -> Path | None:
+    """The interpreter of .bench/jax-venv (made here, with JAX, the first time): JAX is
+    installed for the bench only, never into the package's environment."""
+    venv = OUT / "jax-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"installing JAX {JAX_VERSION} into {venv} (the bench's reference only)",
+              flush=True)
+        made = subprocess.run([sys.executable, "-m", "venv", str(venv)])
+        pip = subprocess.run([str(python), "-m", "pip", "install", "-q",
+                              f"jax=={JAX_VERSION}"]) if made.returncode == 0 else made
+        if pip.returncode != 0:
+            import shutil
+
+            shutil.rmtree(venv, ignore_errors=True)
+            return None
+    return python
+
+
+def _metapeft_rate(algorithm: str, iterations: int) -> float:
+    """jobs/sinusoid-maml.yaml's meta-iterations per second as a run reports them (the
+    fastest path: in process, vmap + compile), after 10 warm-up steps."""
+    spec = load_spec(ROOT / "jobs" / "sinusoid-maml.yaml",
+                     [f"algorithm.name={algorithm}", f"algorithm.iterations={iterations}",
+                      "eval.every=0", "eval.select=last", "checkpoint.every=0"])
+    job = build_job(spec)
+    trainer = MetaTrainer(job)
+    for i in range(10):
+        trainer.step(i)
+    summary, _ = meta_train(job, trainer, OUT / "tmp-run")
+    return summary["iterations_per_second"]
+
+
+def bench_against_jax(rounds: int = 3, iterations: int = 1500) -> dict:
+    """The same MAML written in JAX (bench/jax_maml.py) against metapeft's fastest path,
+    first and second order, alternating within each round; the median of the rounds'
+    ratios (the goal: at least 1.0)."""
+    python = _jax_python()
+    if python is None:
+        print("  JAX reference skipped: JAX could not be installed", flush=True)
+        return {"skipped": "JAX could not be installed"}
+    out = {}
+    for order, algorithm in (("second", "maml"), ("first", "fomaml")):
+        rows = []
+        for _ in range(rounds):
+            ours = _metapeft_rate(algorithm, iterations)
+            run = subprocess.run([str(python), str(ROOT / "bench" / "jax_maml.py"),
+                                  "--order", order, "--iterations", str(iterations)],
+                                 capture_output=True, text=True, check=True)
+            theirs = json.loads(run.stdout.strip().splitlines()[-1])["iterations_per_second"]
+            rows.append({"metapeft": ours, "jax": theirs, "ratio": ours / theirs})
+        ratio = statistics.median(r["ratio"] for r in rows)
+        out[order] = {"rounds": rows, "median_ratio": ratio}
+        print(f"{order}-order MAML, meta-it/s per round: metapeft "
+              + " / ".join(f"{r['metapeft']:.0f}" for r in rows) + ", JAX "
+              + " / ".join(f"{r['jax']:.0f}" for r in rows)
+              + f"; median ratio {ratio:.2f}x (goal >= 1.0)", flush=True)
     return out
 
 
@@ -363,7 +433,7 @@ JSONL_SPEC = """
 name: bench-jsonl-40
 family: {{name: jsonl, path: {path}, ways: 5, shots: 5, query: 10}}
 model: {{kind: encoder, train: lora, lora: {{rank: 4, layers: 1}}}}
-algorithm: {{name: fomaml, iterations: 200}}
+algorithm: {{name: fomaml, meta_batch: 10, iterations: 200}}
 runtime: {{mode: sync, workers: 2}}
 eval: {{tasks: 60, shots: [1, 5], every: 50, val_tasks: 20}}
 """
@@ -393,9 +463,10 @@ def write_jsonl_tasks(directory: Path, tasks: int = 40, ways: int = 5, per_label
 
 def bench_jsonl() -> dict:
     """A user's text job on a directory of 40 JSONL tasks (issue 21's: 5-way, MiniLM,
-    LoRA rank 4 on the top layer, FOMAML, 200 iterations, 60 meta-test tasks at 1 and 5
-    shots, 20 meta-validation tasks every 50 iterations, the embedded Ray with 2
-    workers), run as `metapeft run` runs it: the job's wall time and where it went."""
+    LoRA rank 4 on the top layer, FOMAML, meta-batch 10, 200 iterations, 60 meta-test
+    tasks at 1 and 5 shots, 20 meta-validation tasks every 50 iterations, the embedded
+    Ray with 2 workers), run as `metapeft run` runs it: the job's wall time and where it
+    went."""
     data = write_jsonl_tasks(OUT / "jsonl-40")
     spec_path = OUT / "bench-jsonl-40.yaml"
     spec_path.write_text(JSONL_SPEC.format(path=data))
@@ -412,6 +483,14 @@ def bench_jsonl() -> dict:
           f"{timing['evaluation']:.0f} s; spec {spec_path}", flush=True)
     return {"wall_seconds": wall, "timing": timing, "run_dir": str(run_dir),
             "spec": str(spec_path)}
+
+
+def bench_flops() -> dict:
+    """The encoder's and SmolLM2's LoRA inner steps against this machine's float32 GEMM
+    rate at the same shapes (bench/flops.py)."""
+    from flops import main as flops_main  # bench/
+
+    return flops_main(["--llm"])
 
 
 METRICS_SPEC = """
@@ -621,7 +700,7 @@ def bench_llm_section() -> dict:
 SECTIONS = {"blas": bench_blas, "speed": bench_speed, "sinusoid": bench_sinusoid,
             "digits": bench_digits, "gaussian": bench_gaussian,
             "distributed": bench_distributed, "evaluation": bench_evaluation,
-            "jsonl": bench_jsonl, "metrics": bench_metrics,
+            "jsonl": bench_jsonl, "flops": bench_flops, "metrics": bench_metrics,
             "text": bench_text_section, "select": bench_select_section,
             "hyper": bench_hyper_section, "llm": bench_llm_section}
 

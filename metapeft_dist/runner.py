@@ -198,8 +198,9 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
 def timing(results: dict[str, Any], started: float,
            milestones: dict[str, float]) -> dict[str, Any]:
     """Where the job's seconds went: meta-training's steps, the time it waited for
-    meta-validation (on the workers it runs beside the steps), the final evaluation, and the whole job (setup, checkpoints and cost timing the rest);
-    a resumed run's meta-training counts its sessions before. ``startup``: seconds from
+    meta-validation (on the workers it runs beside the steps), the final evaluation,
+    and the whole job (setup, checkpoints and cost timing the rest); a resumed run's
+    meta-training counts its sessions before. ``startup``: seconds from
     the job's start (``started``) to each of ``milestones`` (the job built in this
     process; on the Ray runtime, Ray and the workers answering), then to the first task
     completed (the runtime's throughput record)."""

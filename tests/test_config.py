@@ -36,6 +36,17 @@ def test_minimal_spec_gets_documented_defaults():
     assert parse_spec("family: {name: gaussian}\nalgorithm: {name: maml}\n").family.ways == 2
 
 
+def test_the_evaluation_piece_size_defaults_by_model_kind():
+    """Unset, eval.chunk is 100 tasks, or 20 for the text models, whose 100-task pieces
+    take over 10 GB a worker; set, it is kept."""
+    assert parse_spec(MINIMAL).eval.chunk == 100
+    text = ("family: {name: wordnet}\nmodel: {kind: encoder, train: lora, lora: {rank: 4}}\n"
+            "algorithm: {name: fomaml}\n")
+    assert parse_spec(text).eval.chunk == 20
+    assert parse_spec(text + "eval: {chunk: 7}").eval.chunk == 7
+    assert parse_spec(text).to_dict()["eval"]["chunk"] == 20  # what spec.yaml records
+
+
 def test_yaml_exponent_without_dot_is_a_float():
     spec = parse_spec(MINIMAL + "outer: {lr: 1e-3}\ninner: {lr: 5E-2}\n")
     assert spec.outer.lr == pytest.approx(1e-3)

@@ -478,7 +478,11 @@ class EvalSpec:
     query: int | None = documented(
         "query examples per class (or per task) at meta-test; unset: family.query", default=None
     )
-    chunk: int = documented("tasks adapted together (vmapped) at evaluation", default=100)
+    chunk: int | None = documented(
+        "tasks adapted together (vmapped) at evaluation: a piece of the evaluation, which "
+        "one worker computes; unset: 100, or 20 for the text models (encoder, causal_lm), "
+        "whose 100-task pieces can need over 10 GB each",
+        default=None)
 
     def __post_init__(self) -> None:
         with Checks() as check:
@@ -501,7 +505,8 @@ class EvalSpec:
                 "baselines",
                 f"has duplicates: {list(self.baselines or ())}",
             )
-            check(self.chunk >= 1, "chunk", f"must be >= 1, got {self.chunk}")
+            check(self.chunk is None or self.chunk >= 1, "chunk",
+                  f"must be >= 1, got {self.chunk}")
             check(self.query is None or self.query >= 1, "query", f"must be >= 1, got {self.query}")
 
 
@@ -709,6 +714,8 @@ class JobSpec:
                 f"not {self.family.name}",
             )
             self._check_baselines(check, kind)
+            if self.eval.chunk is None:
+                object.__setattr__(self.eval, "chunk", 20 if text else 100)
             check(
                 kind != "causal_lm" or (self.family.ways or 0) <= 26,
                 "family.ways",

@@ -47,6 +47,15 @@ class StallError(RuntimeError):
     """No task result arrived for ``runtime.stall_timeout`` seconds."""
 
 
+class LostTooOften(StallError):
+    """A key was lost MAX_LOSSES times, each time with its worker: the job cannot
+    progress (a worker that dies on the same work again and again, e.g. killed for
+    memory, would otherwise retry it forever)."""
+
+
+MAX_LOSSES = 3
+
+
 class ChunkLog:
     """What the finished chunks add up to: counts, times, bytes, per worker and kind."""
 
@@ -152,6 +161,7 @@ class Dispatcher:
         # timings ref -> (worker, key, result ref, when dispatched, its batch)
         self.inflight: dict[Any, tuple[Any, Any, Any, float, Batch]] = {}
         self.background: list[Batch] = []
+        self.losses: dict[tuple[int, Any], int] = {}  # (id of its work, key) -> times lost
         self._meta_ref: tuple[int, Any] | None = None
         self.chunks = ChunkWork(self)
 
@@ -191,11 +201,22 @@ class Dispatcher:
     def lost(self, handle: Any | None, err: BaseException, key: Any,
              work: Work | None = None) -> None:
         """A key was lost with its worker (``handle``, to be pinged until it answers
-        again) or, with ``handle`` None, its result object was."""
-        (work or self.chunks).lost(handle, key)
+        again) or, with ``handle`` None, its result object was. The MAX_LOSSES-th loss
+        of one key ends the job (LostTooOften)."""
+        work = work or self.chunks
+        work.lost(handle, key)
         self.log(f"a chunk was lost ({type(err).__name__}); it goes to another worker")
         if handle is not None:
             self.pool.lost(handle)
+        times = self.losses[id(work), key] = self.losses.get((id(work), key), 0) + 1
+        if times >= MAX_LOSSES:
+            cause = next((line.strip() for line in str(err).splitlines() if line.strip()),
+                         type(err).__name__)
+            memory = ("; its workers ran out of memory: make the pieces smaller (eval.chunk "
+                      "for an evaluation, runtime.chunk for meta-training)"
+                      if "memory" in str(err).lower() else "")
+            raise LostTooOften(f"{type(work).__name__} {key} was lost {times} times with its "
+                               f"worker (last: {cause}){memory}")
 
     def _wait(self) -> bool:
         """Wait (at most WAIT_SECONDS) for keys and pings to finish, and hand each
