@@ -167,6 +167,12 @@ class Scorer(Protocol):
         (the Ray workers: beside meta-training's next steps)."""
         ...
 
+    def finetune(self, init: Init, shots: int, target: float | None,
+                 on_step: Callable[[int, int, float], None]) -> dict[str, Any]:
+        """:meth:`Finetune.run` of ``init``, its pieces computed where the scorer
+        computes."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """What the latest run took: pieces dispatched, completed, lost, per worker."""
         ...
@@ -229,6 +235,10 @@ class LocalScorer:
         """Here, nothing runs beside the caller: the pieces are computed now."""
         return Done(self.run(inits, todo, on_piece))
 
+    def finetune(self, init: Init, shots: int, target: float | None,
+                 on_step: Callable[[int, int, float], None]) -> dict[str, Any]:
+        return Finetune(self.job).run(init, shots, target, on_step)
+
     def stats(self) -> dict[str, Any]:
         return {"completed": self.completed}
 
@@ -239,8 +249,8 @@ def evaluate_job(job: Job, meta, on_progress: Progress = no_progress,
     (a prompted baseline's curve is flat: it takes no steps), computed by ``scorer``
     (default: here; the Ray driver passes its workers'). With a standard init (the
     random baseline) and ``eval.finetune.steps`` > 0, the standard init is also
-    fine-tuned to the target at the cost shot count (:class:`Finetune`): results'
-    ``finetune``."""
+    fine-tuned to the target at the cost shot count (:class:`Finetune`, by the same
+    scorer): results' ``finetune``."""
     spec, objective = job.spec, job.objective
     inits = [Init("meta", meta, job.frozen)] + [job.baseline(b) for b in spec.eval.baselines]
     standard = next((i for i in inits if i.name == "random"), None)
@@ -258,7 +268,8 @@ def evaluate_job(job: Job, meta, on_progress: Progress = no_progress,
                     {"shots": shots, "init": name,
                      "detail": f"{finished[name, shots]} of {spec.eval.tasks} tasks"})
 
-    curves = (scorer or LocalScorer(job)).run(inits, todo, on_piece)
+    scorer = scorer or LocalScorer(job)
+    curves = scorer.run(inits, todo, on_piece)
     done = len(todo)
     by_shots: dict[str, Any] = {}
     for shots in spec.eval.shots:
@@ -287,7 +298,7 @@ def evaluate_job(job: Job, meta, on_progress: Progress = no_progress,
                     "detail": f"Adam fine-tune to the target {target:.4g}: step {step} of "
                               f"at most {budget}, {objective.metric_name} {mean:.4g}"})
 
-        out["finetune"] = Finetune(job).run(standard, shots, target, progress)
+        out["finetune"] = scorer.finetune(standard, shots, target, progress)
         reached = out["finetune"]["steps_to_target"]
         on_progress("evaluate", total, total, {
             "shots": shots, "init": standard.name,

@@ -25,6 +25,16 @@ ADAM_EPS = 1e-8
 # eval.steps is known to within FINETUNE_EVERY steps (rounded up: the cost is not
 # understated).
 FINETUNE_EVERY = 10
+# Tasks fine-tuned together (vmapped): a piece of the fine-tune, computed in process or
+# by a Ray worker (runtime/evaluation.py), the same bits either way. Fixed, not per
+# worker count, so the fine-tune's bits do not depend on how many workers share it.
+FINETUNE_CHUNK = 5
+
+# A piece's state between two scored steps: {"params", "m", "v"}, each a tree with a
+# leading task axis.
+State = dict[str, Params]
+# One piece's next segment: (first task, tasks, its state, steps to take).
+Request = tuple[int, int, State, int]
 
 
 def finetune_lr(spec: JobSpec) -> float:
@@ -87,49 +97,71 @@ class Finetune:
         self._compiled[key] = mx.compile(fn) if spec.run.compile else fn
         return self._compiled[key]
 
+    def pieces(self) -> list[tuple[int, int]]:
+        """(first task, tasks) of each piece of eval.finetune.tasks, FINETUNE_CHUNK each."""
+        tasks = self.job.spec.eval.finetune.tasks
+        return [(start, min(FINETUNE_CHUNK, tasks - start))
+                for start in range(0, tasks, FINETUNE_CHUNK)]
+
+    def start_state(self, init: Init, count: int) -> State:
+        """A piece's state at step 0: ``init``'s parameters for each of its ``count``
+        tasks, Adam's moments zero."""
+        params = {n: mx.broadcast_to(p, (count, *p.shape))
+                  for n, p in init.meta["params"].items()}
+        zeros = {n: mx.zeros_like(p) for n, p in params.items()}
+        return {"params": params, "m": zeros, "v": zeros}
+
+    def advance(self, init: Init, shots: int, start: int, count: int, state: State,
+                steps: int) -> tuple[State, np.ndarray]:
+        """The tasks ``start .. start+count-1`` at ``shots`` fine-tuned ``steps`` more
+        Adam steps from ``state``: (the new state, each task's query metric)."""
+        spec = self.job.spec
+        shared = {"frozen": init.frozen, "lr": mx.array(finetune_lr(spec), dtype=mx.float32)}
+        task = to_mx(self.job.episodes("test", shots, range(start, start + count), shots,
+                                       spec.eval.query))
+        params, m, v, metric = self._segment(steps, batched=True)(
+            shared, state["params"], state["m"], state["v"], *task)
+        mx.eval(params, m, v, metric)
+        return {"params": params, "m": m, "v": v}, np.array(metric)
+
     def run(self, init: Init, shots: int, target: float | None,
             on_step: Callable[[int, int, float], None] = lambda step, budget, mean: None,
-            ) -> dict[str, Any]:
+            advance_all: Callable[[list[Request]], list[tuple[State, np.ndarray]]] | None
+            = None) -> dict[str, Any]:
         """Fine-tune ``init`` on the tasks at ``shots``; the mean query metric at each
         scored step, and the first scored step that reaches ``target`` (None: not
-        reached within the budget)."""
+        reached within the budget). ``advance_all`` takes each piece's next segment
+        (default: :meth:`advance` here, one piece after another; the Ray workers'
+        spread them) and returns their results in order."""
         job, spec = self.job, self.job.spec
         ft, higher = spec.eval.finetune, job.objective.higher_is_better
-        lr = finetune_lr(spec)
-        shared = {"frozen": init.frozen, "lr": mx.array(lr, dtype=mx.float32)}
+        if advance_all is None:
+            def advance_all(requests: list[Request]) -> list[tuple[State, np.ndarray]]:
+                return [self.advance(init, shots, *request) for request in requests]
         t0 = time.perf_counter()
-        chunks = []
-        for start in range(0, ft.tasks, spec.eval.chunk):
-            indices = range(start, min(start + spec.eval.chunk, ft.tasks))
-            task = to_mx(job.episodes("test", shots, indices, shots, spec.eval.query))
-            params = {n: mx.broadcast_to(p, (len(indices), *p.shape))
-                      for n, p in init.meta["params"].items()}
-            zeros = {n: mx.zeros_like(p) for n, p in params.items()}
-            chunks.append([params, zeros, zeros, task])
+        pieces = self.pieces()
+        states = [self.start_state(init, count) for _, count in pieces]
         steps: list[int] = []
         means: list[float] = []
         reached = None
         done = 0
         for point in finetune_points(ft.steps, spec.eval.steps):
-            fn = self._segment(point - done, batched=True)
-            values = []
-            for chunk in chunks:
-                params, m, v, metric = fn(shared, *chunk[:3], *chunk[3])
-                mx.eval(params, m, v, metric)
-                chunk[:3] = params, m, v
-                values.append(np.array(metric))
+            out = advance_all([(start, count, state, point - done)
+                               for (start, count), state in zip(pieces, states, strict=True)])
+            states = [state for state, _ in out]
             done = point
-            mean = float(np.concatenate(values).mean())
+            mean = float(np.concatenate([metric for _, metric in out]).mean())
             steps.append(point)
             means.append(mean)
             on_step(point, ft.steps, mean)
             if target is not None and steps_to_target(np.array([mean]), target, higher) == 0:
                 reached = point
                 break
-        return {"init": init.name, "optimizer": "adam", "lr": lr, "betas": list(ADAM_BETAS),
-                "budget": ft.steps, "tasks": ft.tasks, "shots": shots, "target": target,
-                "steps": steps, "mean": means, "steps_to_target": reached,
-                "resolution": FINETUNE_EVERY, "seconds": time.perf_counter() - t0}
+        return {"init": init.name, "optimizer": "adam", "lr": finetune_lr(spec),
+                "betas": list(ADAM_BETAS), "budget": ft.steps, "tasks": ft.tasks,
+                "shots": shots, "target": target, "steps": steps, "mean": means,
+                "steps_to_target": reached, "resolution": FINETUNE_EVERY,
+                "seconds": time.perf_counter() - t0}
 
     def step_seconds(self, init: Init, shots: int, steps: int = 10, tasks: int = 5) -> float:
         """Measured seconds per fine-tuning step of ONE task (not a vmapped batch): the

@@ -64,7 +64,7 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
     assert timing["meta_training"] + timing["validation"] + timing["evaluation"] < timing["job"]
     assert [line for line in table.splitlines() if line.startswith("time: ")] == [
         f"time: meta-training {timing['meta_training']:.1f} s "
-        f"({100 * timing['meta_training'] / timing['job']:.0f}%), meta-validation "
+        f"({100 * timing['meta_training'] / timing['job']:.0f}%), waiting for meta-validation "
         f"{timing['validation']:.1f} s ({100 * timing['validation'] / timing['job']:.0f}%), "
         f"final evaluation {timing['evaluation']:.1f} s "
         f"({100 * timing['evaluation'] / timing['job']:.0f}%) of {timing['job']:.1f} s; "

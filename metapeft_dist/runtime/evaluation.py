@@ -9,6 +9,12 @@ driver would (evaluate.LocalScorer.piece), and the driver assembles the curves i
 order, so the evaluation is bitwise the same for any number of workers and any faults
 (a piece lost with its worker is computed again by another), and equal to the
 in-process evaluation on the same kind of machine.
+
+The standard init's fine-tune to the target (finetune.Finetune) runs on the workers
+too: at each scored step, each piece's next segment (FINETUNE_CHUNK tasks, their Adam
+state as a wire frame) goes out as a key of the same loop, and the driver takes the
+mean and decides whether to go on; the same bits as in-process for any number of
+workers and any faults.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import numpy as np
 import ray
 
 from metapeft_dist.evaluate import Piece
+from metapeft_dist.finetune import Finetune, Request, State
 from metapeft_dist.job import Init, Job, init_frame
+from metapeft_dist.wire import declared_spec, encode, decode
 from metapeft_dist.runtime.dispatch import Batch, Dispatcher
 
 
@@ -50,12 +58,30 @@ class PieceWork:
         self.counters["lost"] += 1
 
 
+class FinetuneWork(PieceWork):
+    """A fine-tune's segments for the dispatch loop: key (point, first task), its
+    request (finetune.Request) sent with the standard init's frame ref."""
+
+    def __init__(self, refs: dict[str, tuple[str, Any]], name: str, shots: int):
+        super().__init__(refs)
+        self.name, self.shots = name, shots
+        self.requests: dict[tuple[int, int], tuple[int, int, bytes, int]] = {}
+
+    def submit(self, handle: Any, key: tuple[int, int]) -> tuple[Any, Any]:
+        init_id, ref = self.refs[self.name]
+        start, count, frame, steps = self.requests[key]
+        self.counters["dispatched"] += 1
+        return handle.finetune_ref.options(num_returns=2).remote(
+            init_id, [ref], self.shots, start, count, frame, steps)
+
+
 class RayScorer:
     """An evaluate.Scorer on the run's Ray workers."""
 
     def __init__(self, job: Job, dispatcher: Dispatcher):
         self.job, self.dispatcher = job, dispatcher
         self.last: PieceWork | None = None  # the latest run's counters, for the stats
+        self.last_finetune: FinetuneWork | None = None  # the latest fine-tune's
 
     def start(self, inits: list[Init], todo: list[Piece],
               on_piece: Callable[[Piece], None]) -> "RayPending":
@@ -80,10 +106,40 @@ class RayScorer:
             on_piece: Callable[[Piece], None]) -> dict[Piece, np.ndarray]:
         return self.start(inits, todo, on_piece).wait()
 
+    def finetune(self, init: Init, shots: int, target: float | None,
+                 on_step: Callable[[int, int, float], None]) -> dict[str, Any]:
+        """Finetune.run with each scored step's segments spread over the workers (the
+        pieces' states travel as wire frames, so any worker takes any piece)."""
+        name = f"{init.name}-{uuid.uuid4().hex[:8]}"
+        work = FinetuneWork({init.name: (name, ray.put(init_frame(init, self.job.frozen)))},
+                            init.name, shots)
+        self.last_finetune = work
+        point = iter(range(1 << 30))
+
+        def advance_all(requests: list[Request]) -> list[tuple[State, np.ndarray]]:
+            at = next(point)
+            work.requests = {(at, start): (start, count, encode(state, 0), steps)
+                             for start, count, state, steps in requests}
+            out: dict[tuple[int, int], tuple[State, np.ndarray]] = {}
+
+            def on_result(handle: Any, key: tuple[int, int], result_ref: Any,
+                          timings: dict) -> None:
+                frame, metric = ray.get(result_ref)
+                out[key] = (decode(frame, declared_spec(frame)).tree, np.asarray(metric))
+
+            self.dispatcher.loop(deque(work.requests), on_result, work)
+            return [out[key] for key in work.requests]
+
+        return Finetune(self.job).run(init, shots, target, on_step, advance_all)
+
     def stats(self) -> dict[str, Any]:
         if self.last is None:
             return {}
-        return {**self.last.counters, "per_worker": dict(self.last.per_worker)}
+        out = {**self.last.counters, "per_worker": dict(self.last.per_worker)}
+        if self.last_finetune is not None:
+            work = self.last_finetune
+            out["finetune"] = {**work.counters, "per_worker": dict(work.per_worker)}
+        return out
 
 
 class RayPending:

@@ -85,6 +85,12 @@ class RayWorker(Worker):
         frame = None if self.has_init(init_id) else ray.get(init_box[0])
         return self.evaluate(init_id, frame, shots, start, count, sweep)
 
+    def finetune_ref(self, init_id: str, init_box: list, shots: int, start: int, count: int,
+                     state_frame: bytes, steps: int) -> tuple[dict[str, Any], Any]:
+        """:meth:`Worker.finetune`, its init frame fetched once per init."""
+        frame = None if self.has_init(init_id) else ray.get(init_box[0])
+        return self.finetune(init_id, frame, shots, start, count, state_frame, steps)
+
 
 class WorkerPool:
     """The workers, their free slots, the pings in flight, and their nodes."""

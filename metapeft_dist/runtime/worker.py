@@ -22,8 +22,9 @@ from metapeft_dist.blas import machine_kind
 from metapeft_dist.config import from_dict
 from metapeft_dist.cost import read_energy_joules
 from metapeft_dist.evaluate import LocalScorer
+from metapeft_dist.finetune import Finetune
 from metapeft_dist.job import Init, build_job, read_init_frame
-from metapeft_dist.wire import TreeSpec, decode, encode
+from metapeft_dist.wire import TreeSpec, declared_spec, decode, encode
 
 
 KEEP_INITS = 8  # evaluation inits a worker holds: a final evaluation's, the latest others
@@ -46,6 +47,7 @@ class Worker:
         self._meta: tuple[int, Any] | None = None
         self._inits: dict[str, Init] = {}  # evaluation inits by the driver's id
         self._scorer: LocalScorer | None = None  # built at the first piece
+        self._finetune: Finetune | None = None  # likewise, at the first fine-tune piece
         self._steps: dict[Hashable, Callable] = {}
         self.node_id = self.node_identity()["id"]  # fixed for the life of the process
         self.kind = machine_kind()  # what decides the bits of its results
@@ -127,18 +129,43 @@ class Worker:
         KEEP_INITS latest inits are kept."""
         started = time.time()
         t0 = time.perf_counter()
+        init = self._init(init_id, init_frame)
+        if self._scorer is None:
+            self._scorer = LocalScorer(self.job)
+        curves = self._scorer.piece(init, shots, start, count, sweep)
+        return self._timings(started, t0, init_frame), curves
+
+    def finetune(self, init_id: str, init_frame: bytes | None, shots: int, start: int,
+                 count: int, state_frame: bytes, steps: int) -> tuple[dict[str, Any], Any]:
+        """A piece of the standard init's fine-tune (finetune.Finetune.advance): the
+        tasks ``start .. start+count-1`` at ``shots``, ``steps`` more Adam steps from
+        the state in ``state_frame``; returns (timings, (the new state's frame, each
+        task's query metric)). The driver holds the state between steps, so any worker
+        can take a piece's next segment, and a lost one is sent again as it was."""
+        started = time.time()
+        t0 = time.perf_counter()
+        init = self._init(init_id, init_frame)
+        if self._finetune is None:
+            self._finetune = Finetune(self.job)
+        state = decode(state_frame, declared_spec(state_frame)).tree
+        state, metric = self._finetune.advance(init, shots, start, count, state, steps)
+        return self._timings(started, t0, init_frame), (encode(state, 0), metric)
+
+    def _init(self, init_id: str, init_frame: bytes | None) -> Init:
+        """The evaluation init the driver calls ``init_id`` (read from ``init_frame``
+        when it is new here; the KEEP_INITS latest are kept)."""
         if init_id not in self._inits:
             if init_frame is None:
                 raise ValueError(f"evaluation init {init_id} was not sent")
             self._inits[init_id] = read_init_frame(init_frame, self.job.frozen)
             while len(self._inits) > KEEP_INITS:  # a meta-validation's inits, one by one
                 del self._inits[next(iter(self._inits))]
-        if self._scorer is None:
-            self._scorer = LocalScorer(self.job)
-        curves = self._scorer.piece(self._inits[init_id], shots, start, count, sweep)
+        return self._inits[init_id]
+
+    def _timings(self, started: float, t0: float, init_frame: bytes | None) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "compute_seconds": seconds, "started": started,
                 "ended": started + seconds, "host": platform.node(), "pid": os.getpid(),
                 "node_id": self.node_id, "kind": self.kind,
-                "bytes_in": len(init_frame) if init_frame is not None else 0}, curves
+                "bytes_in": len(init_frame) if init_frame is not None else 0}
 

@@ -36,10 +36,13 @@ family: {name: sinusoid, shots: 5, query: 5}
 model: {hidden: [32, 32]}
 algorithm: {name: maml, meta_batch: 6, iterations: 16}
 inner: {steps: 2, lr: 0.01}
-eval: {tasks: 8, shots: [5], steps: 2, every: 0, select: last, baselines: [random], chunk: 1}
+eval: {tasks: 8, shots: [5], steps: 2, every: 0, select: last, baselines: [random], chunk: 1,
+       target: 0.01, finetune: {steps: 12}}
 checkpoint: {every: 4, keep: 3}
 runtime: {chunk: 2}
 """
+# eval.target: an MSE no init reaches here, so the standard init's fine-tune takes its
+# whole (12-step) budget: 5 scored steps (0, 1, 2, 10, 12)
 CHUNKS_PER_ITERATION = 3
 
 
@@ -108,8 +111,14 @@ def test_sync_is_bitwise_identical_for_1_2_3_workers(cluster, reference, tmp_pat
     stats = reference["runtime"]
     assert stats["workers"] == 3 and len(stats["per_worker"]) >= 2  # the work was shared
     assert stats["parameter_server"]["accepted"] == 16 * CHUNKS_PER_ITERATION
-    # the evaluation ran on the workers too: 8 one-task pieces for each of 2 inits
-    assert stats["evaluation"]["completed"] == 16 and len(stats["evaluation"]["per_worker"]) >= 2
+    # the evaluation ran on the workers too: 8 one-task pieces for each of 2 inits, and
+    # the standard init's fine-tune, a segment of each of its 4 five-task pieces (20
+    # tasks) per scored step
+    evaluation = stats["evaluation"]
+    assert evaluation["completed"] == 16 and len(evaluation["per_worker"]) >= 2
+    assert reference["evaluation"]["finetune"]["steps"] == [0, 1, 2, 10, 12]
+    assert evaluation["finetune"]["completed"] == 4 * 5
+    assert len(evaluation["finetune"]["per_worker"]) >= 2
     for workers in (1, 2):
         results = run_job(_spec(f"runtime.workers={workers}"), tmp_path / f"w{workers}")
         assert results["runtime"]["workers"] == workers
@@ -119,12 +128,14 @@ def test_sync_is_bitwise_identical_for_1_2_3_workers(cluster, reference, tmp_pat
 
 def test_the_evaluation_on_the_workers_equals_the_one_in_process(cluster, reference):
     """The same job's evaluation computed here, one piece after another, from the
-    init the run selected: the same numbers, bit for bit (one kind of machine)."""
+    init the run selected: the same numbers, bit for bit (one kind of machine), the
+    standard init's fine-tune among them."""
     from metapeft_dist.evaluate import evaluate_job
     from metapeft_dist.job import build_job
 
     selected = load_checkpoint(reference["meta_training"]["selected_checkpoint"]).meta
     here = evaluate_job(build_job(_spec("runtime.workers=3")), selected)
+    assert "finetune" in here
     assert _evaluation({"evaluation": here}) == _evaluation(reference)
 
 
