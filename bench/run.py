@@ -107,7 +107,6 @@ def bench_blas() -> dict:
 
 
 def bench_speed() -> dict:
-    base = ROOT / "jobs" / "sinusoid-maml.yaml"
     variants = [("loop", "false", 150), ("vmap", "false", 600), ("loop", "true", 150),
                 ("vmap", "true", 1500)]
     out = {}
@@ -115,16 +114,8 @@ def bench_speed() -> dict:
     for batching, compiled, iterations in variants:
         rates = []
         for _ in range(3):
-            spec = load_spec(base, ["runtime.mode=local",
-                                    f"run.batching={batching}", f"run.compile={compiled}",
-                                    f"algorithm.iterations={iterations}", "eval.every=0",
-                                    "eval.select=last", "checkpoint.every=0"])
-            job = build_job(spec)
-            trainer = MetaTrainer(job)
-            for i in range(10):  # warm-up: compilation, caches
-                trainer.step(i)
-            summary, _ = meta_train(job, trainer, OUT / "tmp-run")
-            rates.append(summary["iterations_per_second"])
+            rates.append(_sinusoid_rate(iterations, [f"run.batching={batching}",
+                                                     f"run.compile={compiled}"]))
         rate = statistics.median(rates)
         key = f"{batching}{'+compile' if compiled == 'true' else ''}"
         out[key] = {"iterations_per_second": rate, "runs": rates}
@@ -160,12 +151,13 @@ def _jax_python() -> Path | None:
     return python
 
 
-def _metapeft_rate(algorithm: str, iterations: int) -> float:
-    """jobs/sinusoid-maml.yaml's meta-iterations per second as a run reports them (the
-    fastest path: in process, vmap + compile), after 10 warm-up steps."""
+def _sinusoid_rate(iterations: int, overrides: list[str]) -> float:
+    """jobs/sinusoid-maml.yaml's meta-iterations per second in process, as a run reports
+    them, after 10 warm-up steps (compilation, caches); ``overrides`` on top (default:
+    the fastest path, vmap + compile)."""
     spec = load_spec(ROOT / "jobs" / "sinusoid-maml.yaml",
-                     [f"algorithm.name={algorithm}", f"algorithm.iterations={iterations}",
-                      "eval.every=0", "eval.select=last", "checkpoint.every=0"])
+                     ["runtime.mode=local", f"algorithm.iterations={iterations}",
+                      "eval.every=0", "eval.select=last", "checkpoint.every=0", *overrides])
     job = build_job(spec)
     trainer = MetaTrainer(job)
     for i in range(10):
@@ -186,7 +178,7 @@ def bench_against_jax(rounds: int = 3, iterations: int = 1500) -> dict:
     for order, algorithm in (("second", "maml"), ("first", "fomaml")):
         rows = []
         for _ in range(rounds):
-            ours = _metapeft_rate(algorithm, iterations)
+            ours = _sinusoid_rate(iterations, [f"algorithm.name={algorithm}"])
             run = subprocess.run([str(python), str(ROOT / "bench" / "jax_maml.py"),
                                   "--order", order, "--iterations", str(iterations)],
                                  capture_output=True, text=True, check=True)

@@ -68,6 +68,7 @@ class Finetune:
     def __init__(self, job: Job):
         self.job = job
         self._compiled: dict[tuple[int, bool], Callable] = {}
+        self._tasks: dict[tuple[int, int, int], tuple[mx.array, ...]] = {}  # a piece's tasks
 
     def _segment(self, steps: int, batched: bool) -> Callable:
         """(shared, params, m, v, sx, sy, qx, qy) -> (params, m, v, query metric) after
@@ -117,8 +118,11 @@ class Finetune:
         Adam steps from ``state``: (the new state, each task's query metric)."""
         spec = self.job.spec
         shared = {"frozen": init.frozen, "lr": mx.array(finetune_lr(spec), dtype=mx.float32)}
-        task = to_mx(self.job.episodes("test", shots, range(start, start + count), shots,
-                                       spec.eval.query))
+        key = (shots, start, count)
+        if key not in self._tasks:  # sampled once, not at every scored step
+            self._tasks[key] = to_mx(self.job.episodes(
+                "test", shots, range(start, start + count), shots, spec.eval.query))
+        task = self._tasks[key]
         params, m, v, metric = self._segment(steps, batched=True)(
             shared, state["params"], state["m"], state["v"], *task)
         mx.eval(params, m, v, metric)

@@ -147,8 +147,7 @@ class MetaTraining:
         default the executor's current one)."""
         t0 = time.perf_counter()
         current = meta if meta is not None else self.executor.snapshot()
-        init = Init("meta", current, self.job.frozen)
-        todo = pieces(self.spec, [init], "val")
+        init, todo = validation_pieces(self.job, current)
         pending = self.validator.start([init], todo, lambda piece: None)
         self.validating.append(Validation(done, current, todo, pending))
         self.validation_seconds += time.perf_counter() - t0
@@ -277,8 +276,13 @@ def scores(job: Job, curves: dict[Piece, Any], todo: list[Piece]) -> tuple[float
     return float(values[:, -2].mean()), float(values[:, -1].mean())
 
 
+def validation_pieces(job: Job, meta: Meta) -> tuple[Init, list[Piece]]:
+    """The init ``meta`` as meta-validation scores it, and its pieces."""
+    init = Init("meta", meta, job.frozen)
+    return init, pieces(job.spec, [init], "val")
+
+
 def validate(job: Job, scorer: Scorer, meta: Meta) -> tuple[float, float]:
     """(metric, query loss) after adaptation, meta-validation tasks' mean."""
-    init = Init("meta", meta, job.frozen)
-    todo = pieces(job.spec, [init], "val")
+    init, todo = validation_pieces(job, meta)
     return scores(job, scorer.run([init], todo, lambda piece: None), todo)

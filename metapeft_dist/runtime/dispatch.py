@@ -161,7 +161,7 @@ class Dispatcher:
         # timings ref -> (worker, key, result ref, when dispatched, its batch)
         self.inflight: dict[Any, tuple[Any, Any, Any, float, Batch]] = {}
         self.background: list[Batch] = []
-        self.losses: dict[tuple[int, Any], int] = {}  # (id of its work, key) -> times lost
+        self.losses: dict[tuple[Work, Any], int] = {}  # (its work, key) -> times lost
         self._meta_ref: tuple[int, Any] | None = None
         self.chunks = ChunkWork(self)
 
@@ -208,7 +208,7 @@ class Dispatcher:
         self.log(f"a chunk was lost ({type(err).__name__}); it goes to another worker")
         if handle is not None:
             self.pool.lost(handle)
-        times = self.losses[id(work), key] = self.losses.get((id(work), key), 0) + 1
+        times = self.losses[work, key] = self.losses.get((work, key), 0) + 1
         if times >= MAX_LOSSES:
             cause = next((line.strip() for line in str(err).splitlines() if line.strip()),
                          type(err).__name__)

@@ -19,6 +19,7 @@ workers and any faults.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import deque
 from typing import Any, Callable
@@ -114,7 +115,7 @@ class RayScorer:
         work = FinetuneWork({init.name: (name, ray.put(init_frame(init, self.job.frozen)))},
                             init.name, shots)
         self.last_finetune = work
-        point = iter(range(1 << 30))
+        point = itertools.count()  # the scored step a call is for: keys stay unique
 
         def advance_all(requests: list[Request]) -> list[tuple[State, np.ndarray]]:
             at = next(point)
