@@ -43,17 +43,22 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
     global choice and the configuration that beats it most often. Near 1, a second query
     set would crown the same winners, so the misses are the predictor's to fix.
 
-Per-task accuracies are kept in CACHE (default .bench/select-cache/), so adding a run
-re-measures only its configurations.
+The adaptations run on the Ray workers of each run's job (sweeps.Sweep pieces of 20
+tasks through runtime/evaluation.py, as a run's evaluation does: an embedded local Ray,
+or the cluster at ``--address``), or in this process with ``--local``; the same numbers
+either way. Task2Vec's embeddings are computed here. Per-task accuracies are kept in
+CACHE (default .bench/select-cache/), so adding a run re-measures only its
+configurations.
 
     python bench/select_bench.py [--tasks N] [--query Q] [--shots K] [--cache DIR]
-                                 [--support-cv]
+                                 [--support-cv] [--address HOST:PORT | --local]
                                  FAMILIES RUN_OR_SPEC...
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -76,6 +81,7 @@ KIND = "task2vec"
 # query sizes described different support sets.
 DRAWS = 2
 FOLDS = 5  # predictor_cv: records from the other folds of the test tasks
+PIECE = 20  # tasks adapted at once (the cached scores were computed in pieces of 20)
 
 
 def _sources(paths: list[str]) -> dict[str, tuple[object, object]]:
@@ -110,70 +116,79 @@ def _configurations(sources) -> dict:
     return out
 
 
-def _job(spec, family: str):
+def _job(spec, family: str, on_ray: bool = False):
     from metapeft_dist.crossdomain import retarget
     from metapeft_dist.job import build_job
 
     overrides = [f"eval.steps={STEPS}"]
     if spec.model.kind in ("mlp", "conv"):
         overrides.append("model.base=pretrained")  # the pretrained baseline and the probe
+    if on_ray and spec.runtime.mode == "local":
+        overrides.append("runtime.mode=sync")
     return build_job(retarget(spec, family, overrides=overrides))
 
 
-def _support(evaluator, split: str, tasks: int, shots: int) -> tuple[np.ndarray, np.ndarray]:
-    """The tasks' support sets (x, y), class-major as every classification family draws
-    them."""
-    episodes = evaluator.job.episodes(split, STREAM, range(tasks), shots, 1)
-    sx, sy = np.asarray(episodes.support_x), np.asarray(episodes.support_y)
-    ways = evaluator.job.spec.family.ways
-    assert (sy == np.repeat(np.arange(ways), shots)).all(), "support sets are class-major"
-    return sx, sy
+class Scorers:
+    """Where the configurations are adapted and scored: the Ray workers of each run's job
+    on a family (an embedded Ray started once, or the cluster at ``address``; one job's
+    workers at a time), or this process with ``local``. The same bits either way
+    (sweeps.Piece)."""
 
+    def __init__(self, address: str | None = None, local: bool = False):
+        self.address, self.local = address, local
+        self.key: tuple | None = None
+        self.job = self.scorer = None
+        self._open = contextlib.ExitStack()
+        self._ray = contextlib.ExitStack()
 
-def _final_accuracy(evaluator, start, sx, sy, qx, qy) -> np.ndarray:
-    """Per task, the accuracy on (qx, qy) after adapting on (sx, sy), 20 tasks at a time."""
-    import mlx.core as mx
+    def __enter__(self) -> "Scorers":
+        return self
 
-    return np.concatenate([evaluator.score(start, *(mx.array(a[b:b + 20])
-                                                    for a in (sx, sy, qx, qy)))[:, 0]
-                           for b in range(0, len(sx), 20)])
+    def __exit__(self, *exc) -> None:
+        self._open.close()
+        self._ray.close()
 
+    def get(self, path: str, spec, family: str):
+        """(job, scorer) of the run at ``path`` retargeted to ``family``."""
+        from metapeft_dist.evaluate import LocalScorer
 
-def support_cv(evaluator, start, split: str, tasks: int, shots: int = SHOTS) -> np.ndarray:
-    """Each task's leave-one-shot-out accuracy on its own support set: adapted ``STEPS``
-    steps on shots - 1 examples per class, scored on the one left out, averaged over the
-    ``shots`` folds (what a user could measure without a query set)."""
-    sx, sy = _support(evaluator, split, tasks, shots)
-    ways = evaluator.job.spec.family.ways
-    out = np.zeros(tasks)
-    for j in range(shots):
-        held = np.arange(ways) * shots + j
-        kept = np.setdiff1d(np.arange(ways * shots), held)
-        out += _final_accuracy(evaluator, start, sx[:, kept], sy[:, kept], sx[:, held],
-                               sy[:, held]) / shots
-    return out
+        if self.key != (path, family):
+            self._open.close()
+            self.job = _job(spec, family, on_ray=not self.local)
+            if self.local:
+                self.scorer = LocalScorer(self.job)
+            else:
+                self._start_ray()
+                from metapeft_dist.runtime.driver import ray_scorer
 
+                self.scorer = self._open.enter_context(ray_scorer(self.job, self.address))
+            self.key = (path, family)
+        return self.job, self.scorer
 
-def support_fit(evaluator, start, split: str, tasks: int, shots: int = SHOTS) -> np.ndarray:
-    """Each task's accuracy on its own support set after ``STEPS`` steps on it."""
-    sx, sy = _support(evaluator, split, tasks, shots)
-    return _final_accuracy(evaluator, start, sx, sy, sx, sy)
+    def _start_ray(self) -> None:
+        """Join the cluster, or start the embedded Ray, once for every job."""
+        import ray
 
+        from metapeft_dist.runtime.connection import connect
 
-ON_SUPPORT = {"support-cv": support_cv, "support-fit": support_fit}
+        if not ray.is_initialized() and connect(self.address, None):
+            self._ray.callback(ray.shutdown)
 
 
 def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: Path,
-            query: int = QUERY, on: str = "query", shots: int = SHOTS) -> dict:
+            query: int = QUERY, on: str = "query", shots: int = SHOTS,
+            scorers: Scorers | None = None) -> dict:
     """Per configuration, the query accuracy of ``tasks`` tasks after ``STEPS`` steps,
-    or with ``on`` "support-cv" or "support-fit" their :func:`support_cv` or
-    :func:`support_fit` accuracy (cached per configuration, family, split and task
-    count)."""
-    from metapeft_dist.evaluate import Evaluator
+    or with ``on`` "support-cv" or "support-fit" their support-set accuracy
+    (evaluate.on_support), computed by ``scorers`` (default: here) in pieces of 20
+    tasks (cached per configuration, family, split and task count)."""
+    from metapeft_dist.sweeps import Sweep
     from metapeft_dist.job import Init
     from metapeft_dist.rundir import narrow
 
-    jobs: dict[str, object] = {}
+    scorers = scorers or Scorers(local=True)
+    sweep = Sweep(split, STREAM, STEPS, query if on == "query" else None, final_only=True,
+                  on=on)
     accuracy = {}
     for key, (path, init) in configs.items():
         scored = query if on == "query" else on
@@ -185,20 +200,17 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
             accuracy[key] = json.loads(file.read_text())
             continue
         spec, checkpoint = sources[path]
-        if path not in jobs:
-            jobs[path] = _job(spec, family)
-        job = jobs[path]
+        job, scorer = scorers.get(path, spec, family)
         if init == "meta":
             frozen = checkpoint.frozen or job.frozen  # an MLP run's own pretrained base
             start = Init("meta", narrow(checkpoint.meta, job.spec.family.ways), frozen)
         else:
             start = job.baseline({"standard": "random"}.get(init, init))
         t0 = time.time()
-        evaluator = Evaluator(job, STEPS, final_only=True)
-        accuracy[key] = (evaluator.curves(start, split, shots, tasks, STREAM, 20, query)[:, 0]
-                         if on == "query" else ON_SUPPORT[on](evaluator, start, split, tasks,
-                                                              shots)
-                         ).tolist()
+        todo = [(start.name, shots, first, min(PIECE, tasks - first), sweep)
+                for first in range(0, tasks, PIECE)]
+        curves = scorer.run([start], todo, lambda piece: None)
+        accuracy[key] = np.concatenate([curves[p][:, 0] for p in todo]).tolist()
         file.write_text(json.dumps(accuracy[key]))
         print(f"  {family}/{split} {key}{'' if on == 'query' else f' ({on})'}: "
               f"{100 * np.mean(accuracy[key]):.1f}% "
@@ -257,9 +269,19 @@ def split_half(full: np.ndarray, half: np.ndarray, query: int) -> tuple[float, f
 
 def bench_select(families: list[str], paths: list[str], tasks: int = 40,
                  cache: Path | None = None, query: int = QUERY, cv: bool = False,
-                 shots: int = SHOTS) -> dict:
+                 shots: int = SHOTS, address: str | None = None, local: bool = False
+                 ) -> dict:
+    """RQ2 on ``families`` for the configurations of ``paths``, the adaptations on the
+    Ray workers (an embedded Ray, or the cluster at ``address``) or with ``local`` here."""
+    with Scorers(address, local) as scorers:
+        return _bench_select(families, paths, tasks, cache, query, cv, shots, scorers)
+
+
+def _bench_select(families: list[str], paths: list[str], tasks: int, cache: Path | None,
+                  query: int, cv: bool, shots: int, scorers: Scorers) -> dict:
     from metapeft_dist.centroids import run_centroid
     from metapeft_dist.curves import mean_ci95
+    from metapeft_dist.sweeps import ON_SUPPORT
     from metapeft_dist.rundir import run_evaluation
     from metapeft_dist.selection import (Outcome, OutcomePredictor, choose_by_similarity,
                                          global_best)
@@ -283,7 +305,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
             vectors, probe = embed(probe_job, family, split, tasks, cache, shots)
             data[(family, split)] = {
                 "accuracy": measure(sources, configs, family, split, tasks, cache, query,
-                                    shots=shots),
+                                    shots=shots, scorers=scorers),
                 "embeddings": vectors, "probe": probe,
                 "tasks": [f"{family}/{split}/{i}" for i in range(tasks)]}
     def outcomes(split: str, keep=lambda i: True) -> list:
@@ -348,7 +370,7 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
     full = np.concatenate([np.array([d["accuracy"][c] for c in pair]).T for _, d in test_tasks])
     half = np.concatenate([np.array([a[c] for c in pair]).T for f, _ in test_tasks
                            for a in [measure(sources, pair, f, "test", tasks, cache,
-                                             query // 2, shots=shots)]])
+                                             query // 2, shots=shots, scorers=scorers)]])
     r, reliability = split_half(full, half, query)
     out["split_half"] = {"pair": list(pair), "r": r, "reliability": reliability}
     print(f"  {best_global} - {rival} per task: split-half r {r:.2f}, {100 * reliability:.0f}% "
@@ -357,7 +379,8 @@ def bench_select(families: list[str], paths: list[str], tasks: int = 40,
         for on in ON_SUPPORT if shots > 1 else ["support-fit"]:  # no folds of one shot
             rule = rows[on.replace("-", "_")] = []
             for f, d in test_tasks:
-                seen = measure(sources, pair, f, "test", tasks, cache, on=on, shots=shots)
+                seen = measure(sources, pair, f, "test", tasks, cache, on=on, shots=shots,
+                               scorers=scorers)
                 for i in range(tasks):
                     pick = rival if seen[rival][i] > seen[best_global][i] else best_global
                     rule.append(d["accuracy"][pick][i])
@@ -400,9 +423,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="also choose between the global choice and its rival by "
                              "leave-one-shot-out accuracy on each task's support set, and "
                              "by accuracy on the support set after adapting to it")
+    parser.add_argument("--address", default=None,
+                        help="adapt on the workers of the Ray cluster at HOST:PORT "
+                             "(default: an embedded local Ray's)")
+    parser.add_argument("--local", action="store_true",
+                        help="adapt in this process (the same numbers, one task piece "
+                             "after another)")
     args = parser.parse_args(argv)
     result = bench_select(args.families.split(","), args.runs, args.tasks, args.cache,
-                          args.query, args.support_cv, args.shots)
+                          args.query, args.support_cv, args.shots, args.address, args.local)
     print(json.dumps(result, indent=1))
 
 

@@ -25,6 +25,7 @@ from metapeft_dist.config.schema import JobSpec
 from metapeft_dist.curves import summarize
 from metapeft_dist.finetune import FINETUNE_EVERY, Finetune, median_seconds
 from metapeft_dist.job import Init, Job, TaskLoss, to_mx
+from metapeft_dist.sweeps import Piece, Sweep, assemble, named_sweep, pieces
 
 # on_progress(stage, done, total, info): a run's stages are "setup", "meta-train",
 # "evaluate", "done"; an evaluation reports "evaluate".
@@ -46,6 +47,7 @@ class Evaluator:
         self.job = job
         self.steps = steps
         self.with_loss = with_loss
+        self.final = 0 if final_only else steps  # the column of the metric after the last step
         algorithm, model, objective = job.algorithm, job.model, job.objective
         vmap = job.spec.run.batching == "vmap"
 
@@ -95,36 +97,6 @@ def target_step(spec: JobSpec) -> int:
     """The step whose meta-learned mean is the default target: its inner steps, as
     meta-trained (at most the evaluation's steps)."""
     return min(spec.inner.steps, spec.eval.steps)
-
-
-# A piece of an evaluation: (init name, shot count, first task, tasks, sweep), one
-# ``eval.chunk`` of the tasks at that shot count; the unit a scorer computes and, on the
-# Ray runtime, a worker (runtime/evaluation.py). Its curves are the same bits wherever
-# it is computed on one kind of machine: the same tasks, the same shapes. The sweep is
-# "test", the final evaluation (meta-test tasks, stream = the shot count, the metric
-# after each of eval.steps steps), or "val", meta-validation (meta-val tasks of stream
-# VAL_STREAM at family.shots, the metric after each of inner.steps steps and the query
-# loss after the last).
-Piece = tuple[str, int, int, int, str]
-VAL_STREAM = 0  # meta-validation always uses the same tasks
-
-
-def pieces(spec: JobSpec, inits: list[Init], sweep: str = "test") -> list[Piece]:
-    """Every piece of a final evaluation (or of a meta-validation), in the order their
-    curves are assembled."""
-    if sweep == "test":
-        tasks, shot_counts = spec.eval.tasks, spec.eval.shots
-    else:
-        tasks, shot_counts = spec.eval.val_tasks, (spec.family.shots,)
-    chunk = spec.eval.chunk
-    return [(init.name, shots, start, min(chunk, tasks - start), sweep)
-            for shots in shot_counts for init in inits for start in range(0, tasks, chunk)]
-
-
-def assemble(curves: dict[Piece, np.ndarray], todo: list[Piece], name: str,
-             shots: int) -> np.ndarray:
-    """One init's curves at one shot count, in task order, from its pieces."""
-    return np.concatenate([curves[p] for p in todo if p[0] == name and p[1] == shots])
 
 
 class Pending(Protocol):
@@ -184,31 +156,36 @@ class LocalScorer:
 
     def __init__(self, job: Job):
         self.job = job
-        self._evaluators: dict[str, Evaluator] = {}
+        self._evaluators: dict[tuple[int, bool, bool], Evaluator] = {}
         self._prompters: dict[str, Any] = {}
         self.completed = 0
 
     def piece(self, init: Init, shots: int, start: int, count: int,
-              sweep: str = "test") -> np.ndarray:
+              sweep: str | Sweep = "test") -> np.ndarray:
         """Curves of the tasks ``start .. start+count-1`` at ``shots`` of ``sweep``
         (:data:`Piece`); in the final evaluation the stream is the shot count: each shot
         setting has its own tasks, and all inits see the same ones."""
-        spec = self.job.spec
-        split, stream, query = (("test", shots, spec.eval.query) if sweep == "test" else
-                                ("val", VAL_STREAM, None))
-        episodes = self.job.episodes(split, stream, range(start, start + count), shots, query)
+        s = sweep if isinstance(sweep, Sweep) else named_sweep(self.job.spec, sweep)
+        stream = shots if s.stream is None else s.stream
+        indices = range(start, start + count)
+        if s.on != "query":
+            if init.prompted:
+                raise ValueError(f"{init.name} is prompted, not adapted: it has no "
+                                 f"{s.on} score")
+            # the support sets alone (one query example per class, never read)
+            return on_support(self._evaluator(s), init,
+                              self.job.episodes(s.split, stream, indices, shots, 1), s.on)
+        episodes = self.job.episodes(s.split, stream, indices, shots, s.query)
         if init.prompted:
-            return in_context_piece(self.job, self._prompter(init), init, episodes,
-                                    spec.eval.steps)
-        return self._evaluator(sweep).score(init, *to_mx(episodes))
+            curves = in_context_piece(self.job, self._prompter(init), init, episodes, s.steps)
+            return curves[:, -1:] if s.final_only else curves
+        return self._evaluator(s).score(init, *to_mx(episodes))
 
-    def _evaluator(self, sweep: str) -> Evaluator:
-        if sweep not in self._evaluators:
-            spec = self.job.spec
-            self._evaluators[sweep] = (Evaluator(self.job, spec.eval.steps) if sweep == "test"
-                                       else Evaluator(self.job, spec.inner.steps,
-                                                      with_loss=True))
-        return self._evaluators[sweep]
+    def _evaluator(self, sweep: Sweep) -> Evaluator:
+        key = (sweep.steps, sweep.with_loss, sweep.final_only)
+        if key not in self._evaluators:
+            self._evaluators[key] = Evaluator(self.job, *key)
+        return self._evaluators[key]
 
     def _prompter(self, init: Init):
         if init.name not in self._prompters:
@@ -308,6 +285,34 @@ def evaluate_job(job: Job, meta, on_progress: Progress = no_progress,
                                             " steps")})
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def on_support(evaluator: Evaluator, init: Init, episodes, on: str) -> np.ndarray:
+    """Each task's score on its own support set after ``evaluator``'s steps, shape
+    (tasks, 1): with ``on`` "support-fit" the accuracy on the support set after adapting
+    to all of it; "support-cv" the leave-one-shot-out accuracy, adapted on shots - 1
+    examples per class and scored on the one left out, averaged over the ``shots``
+    folds. Support sets are class-major, as every classification family draws them."""
+    sx, sy = np.asarray(episodes.support_x), np.asarray(episodes.support_y)
+    ways = evaluator.job.spec.family.ways
+    shots = sy.shape[1] // ways
+    if not (sy == np.repeat(np.arange(ways), shots)).all():
+        raise ValueError(f"{on} needs class-major support sets of a classification family")
+    if on == "support-fit":
+        final = evaluator.final
+        return evaluator.score(init, *(mx.array(a) for a in (sx, sy, sx, sy)))[:, final:final + 1]
+    if on != "support-cv":
+        raise ValueError(f"unknown support score {on!r} (support-cv or support-fit)")
+    if shots < 2:
+        raise ValueError("support-cv needs at least 2 shots (one is left out)")
+    out = np.zeros(len(sx))
+    for j in range(shots):
+        held = np.arange(ways) * shots + j
+        kept = np.setdiff1d(np.arange(ways * shots), held)
+        scored = evaluator.score(init, *(mx.array(a) for a in (sx[:, kept], sy[:, kept],
+                                                               sx[:, held], sy[:, held])))
+        out += scored[:, evaluator.final] / shots
+    return out[:, None]
 
 
 def in_context_piece(job: Job, prompter, init: Init, episodes, steps: int) -> np.ndarray:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metapeft_dist.cost import SpendMeter
-from metapeft_dist.evaluate import (LocalScorer, Pending, Piece, Progress, Scorer, assemble,
-                                   no_progress, pieces)
+from metapeft_dist.evaluate import LocalScorer, Pending, Progress, Scorer, no_progress
 from metapeft_dist.job import Init, Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
+from metapeft_dist.sweeps import Piece, assemble, pieces
 from metapeft_dist.runtime.checkpoint import (Checkpoint, checkpoint_path, prune_checkpoints,
                                              save_checkpoint)
 from metapeft_dist.tree import Meta

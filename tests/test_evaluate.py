@@ -217,3 +217,45 @@ def test_the_job_evaluation_fine_tunes_the_standard_init_and_charges_it(tiny_job
     assert "target: " in table and "(the meta-learned init after 1 steps)" in table
     assert "standard init fine-tuned (5-shot, Adam lr 0.001, 6 tasks)" in table
     assert cost_line(cost) in table
+
+
+GAUSSIAN_SPEC = """
+family: {name: gaussian, shots: 3, query: 4}
+model: {kind: mlp, hidden: [16]}
+algorithm: {name: fomaml, meta_batch: 2, iterations: 1}
+inner: {steps: 1, lr: 0.5}
+eval: {tasks: 4, shots: [3], steps: 2, chunk: 4}
+"""
+
+
+def test_support_scores_before_any_step_are_the_inits_accuracy_on_the_support_set():
+    """evaluate.on_support through a Sweep piece: with 0 steps nothing is adapted, so
+    support-fit is the init's accuracy on each task's support set, and so is support-cv
+    (each fold holds out one example per class: the folds' mean is the mean over all);
+    support-cv needs two shots; a named sweep is test or val."""
+    import mlx.core as mx
+
+    from metapeft_dist.config import parse_spec
+    from metapeft_dist.evaluate import LocalScorer
+    from metapeft_dist.sweeps import Sweep, named_sweep
+    from metapeft_dist.job import Init, build_job
+
+    job = build_job(parse_spec(GAUSSIAN_SPEC))
+    init = Init("meta", job.initial_meta, job.frozen)
+    scorer = LocalScorer(job)
+    fit = scorer.piece(init, 3, 0, 4, Sweep("test", 9, 0, final_only=True, on="support-fit"))
+    cv = scorer.piece(init, 3, 0, 4, Sweep("test", 9, 0, final_only=True, on="support-cv"))
+    episodes = job.episodes("test", 9, range(4), 3, 1)
+    logits = np.array(job.model({**job.frozen, **init.meta["params"]},
+                                mx.array(episodes.support_x)))
+    expected = (logits.argmax(-1) == episodes.support_y).mean(axis=1)
+    assert fit.shape == cv.shape == (4, 1)
+    assert 0 < expected.mean() < 1  # a random init: some right, some wrong
+    # float32 means against float64 ones (and the folds' sum of thirds): rounding only
+    np.testing.assert_allclose(fit[:, 0], expected, atol=1e-6)
+    np.testing.assert_allclose(cv[:, 0], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 shots"):
+        scorer.piece(init, 1, 0, 2, Sweep("test", 9, 0, final_only=True, on="support-cv"))
+    assert named_sweep(job.spec, "val") == Sweep("val", 0, 1, with_loss=True)
+    with pytest.raises(ValueError, match="unknown evaluation sweep 'tset'"):
+        scorer.piece(init, 3, 0, 2, "tset")

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -146,17 +147,25 @@ class RayExecutor:
             ray.shutdown()
 
 
+@contextmanager
+def ray_scorer(job: Job, address: str | None = None,
+               log: Callable[[str], None] = lambda m: None) -> Iterator[RayScorer]:
+    """A RayScorer on ``job``'s workers on the cluster at ``address`` (default: an
+    embedded local Ray, as ``metapeft run`` starts, or the Ray this process already
+    joined), for evaluations without meta-training; the workers stop at the end."""
+    executor = RayExecutor(job, address, log=log)
+    try:
+        executor.release()  # nothing is meta-trained: no node is held for the cost
+        yield executor.scorer()
+    finally:
+        executor.close()
+
+
 def evaluate_on_ray(job: Job, meta: Meta, on_progress: Progress = no_progress,
                     address: str | None = None, log: Callable[[str], None] = lambda m: None
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """evaluate.evaluate_job of ``meta`` on the workers of the cluster at ``address``
     (default: an embedded local Ray, as ``metapeft run`` starts): (the evaluation, what
     the workers did)."""
-    executor = RayExecutor(job, address, log=log)
-    try:
-        executor.release()  # nothing is meta-trained: no node is held for the cost
-        scorer = executor.scorer()
+    with ray_scorer(job, address, log) as scorer:
         return evaluate_job(job, meta, on_progress, scorer), scorer.stats()
-    finally:
-        executor.close()
-

@@ -1,4 +1,4 @@
-"""The evaluation on the Ray workers: the pieces of an evaluation (evaluate.Piece: an
+"""The evaluation on the Ray workers: the pieces of an evaluation (sweeps.Piece: an
 init, a shot count, a chunk of meta-test tasks) go to the workers through the same
 dispatch loop as meta-training's chunks, and their curves come back.
 
@@ -27,9 +27,9 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
-from metapeft_dist.evaluate import Piece
 from metapeft_dist.finetune import Finetune, Request, State
 from metapeft_dist.job import Init, Job, init_frame
+from metapeft_dist.sweeps import Piece
 from metapeft_dist.wire import declared_spec, encode, decode
 from metapeft_dist.runtime.dispatch import Batch, Dispatcher
 

@@ -29,6 +29,7 @@ from metapeft_dist.cost import SpendMeter
 from metapeft_dist.metrics import JobMetrics
 from metapeft_dist.runtime.connection import ClusterError
 from metapeft_dist.runtime.worker import Worker
+from metapeft_dist.sweeps import Sweep
 
 # A worker or its node is gone (maybe for good, maybe restarting), or the result object
 # went with it: the chunk is redone elsewhere.
@@ -80,7 +81,7 @@ class RayWorker(Worker):
         return self.run(version, frame, iteration, start, count)
 
     def evaluate_ref(self, init_id: str, init_box: list, shots: int, start: int,
-                     count: int, sweep: str) -> tuple[dict[str, Any], Any]:
+                     count: int, sweep: str | Sweep) -> tuple[dict[str, Any], Any]:
         """:meth:`Worker.evaluate`, its init frame fetched once per init."""
         frame = None if self.has_init(init_id) else ray.get(init_box[0])
         return self.evaluate(init_id, frame, shots, start, count, sweep)

@@ -24,6 +24,7 @@ from metapeft_dist.cost import read_energy_joules
 from metapeft_dist.evaluate import LocalScorer
 from metapeft_dist.finetune import Finetune
 from metapeft_dist.job import Init, build_job, read_init_frame
+from metapeft_dist.sweeps import Sweep
 from metapeft_dist.wire import TreeSpec, declared_spec, decode, encode
 
 
@@ -121,9 +122,9 @@ class Worker:
         return init_id in self._inits
 
     def evaluate(self, init_id: str, init_frame: bytes | None, shots: int, start: int,
-                 count: int, sweep: str = "test") -> tuple[dict[str, Any], Any]:
+                 count: int, sweep: str | Sweep = "test") -> tuple[dict[str, Any], Any]:
         """Curves of the tasks ``start .. start+count-1`` at ``shots`` of ``sweep``
-        (evaluate.Piece) from the init the driver calls ``init_id``
+        (sweeps.Piece) from the init the driver calls ``init_id``
         (evaluate.LocalScorer.piece: the same bits as the driver's own evaluation).
         ``init_frame`` (job.init_frame) may be None when :meth:`has_init`; the
         KEEP_INITS latest inits are kept."""

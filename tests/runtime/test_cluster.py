@@ -472,6 +472,40 @@ def test_metapeft_eval_on_the_workers_equals_it_in_process(cluster, tmp_path):
     assert "evaluation" not in here["runtime"]
 
 
+def test_any_sweep_on_the_workers_equals_it_in_process(cluster):
+    """The selection bench's pieces (sweeps.Sweep: its own task stream and query size,
+    the metric after the last step alone, or each task's support-set scores) computed
+    by the workers of runtime.driver.ray_scorer equal LocalScorer's, bit for bit."""
+    from metapeft_dist.evaluate import LocalScorer
+    from metapeft_dist.sweeps import Sweep
+    from metapeft_dist.job import Init, build_job
+    from metapeft_dist.runtime.driver import ray_scorer
+
+    job = build_job(parse_spec("""
+family: {name: gaussian, shots: 3, query: 4}
+model: {kind: mlp, hidden: [16]}
+algorithm: {name: fomaml, meta_batch: 2, iterations: 1}
+inner: {steps: 1, lr: 0.5}
+eval: {tasks: 4, shots: [3], steps: 2}
+runtime: {mode: sync, workers: 3}
+metrics: {enabled: false}
+"""))
+    init = Init("meta", job.initial_meta, job.frozen)
+    todo = [("meta", 3, first, 2, Sweep("test", 100, 4, query, final_only=True, on=on))
+            for on, query in (("query", 7), ("support-cv", None), ("support-fit", None))
+            for first in (0, 2)]
+    with ray_scorer(job) as scorer:
+        on_ray = scorer.run([init], todo, lambda piece: None)
+        work = scorer.stats()
+    here = LocalScorer(job).run([init], todo, lambda piece: None)
+    assert work["completed"] == len(todo) and len(work["per_worker"]) >= 2
+    for piece in todo:
+        assert on_ray[piece].shape == (2, 1)
+        assert np.array_equal(on_ray[piece], here[piece])
+    # the support-set scores are not the query's
+    assert not np.array_equal(here[todo[0]], here[todo[2]])
+
+
 def test_the_workers_get_the_task_files_from_the_driver(cluster, tmp_path):
     """A JSONL family's files exist where the driver runs only (deleted once it has
     read them): the workers get them from the driver and do every task, and write no
