@@ -4,8 +4,12 @@ CIs. Also the meta-learned and the standard init with the hypernetwork's prototy
 (``Hyper.init_hyper`` with zero maps generates exactly the given adapters plus that
 head), which separates what the head gives from what the generated adapters give.
 
-    python bench/hyper_compare.py HYPER_RUN META_RUN [TASKS]
-    python bench/hyper_compare.py --prune 0.2,0.4,0.6 HYPER_RUN [TASKS]
+    python bench/hyper_compare.py [--local] HYPER_RUN META_RUN [TASKS]
+    python bench/hyper_compare.py [--local] --prune 0.2,0.4,0.6 HYPER_RUN [TASKS]
+
+The inits are adapted where the hypernetwork run's job runs, as its evaluation was: on
+its Ray workers (an embedded Ray; sweeps.Sweep pieces of 20 tasks), in this process for
+``runtime.mode: local`` or with ``--local``; the same numbers.
 
 ``--prune``: the dynamic-rank sweep. The hypernetwork run's generator with each
 fraction as ``algorithm.hyper.prune`` (directions below it dropped), on the same tasks:
@@ -27,18 +31,40 @@ import mlx.core as mx  # noqa: E402
 
 from metapeft_dist.rundir import load_run  # noqa: E402
 from metapeft_dist.curves import mean_ci95  # noqa: E402
-from metapeft_dist.evaluate import Evaluator  # noqa: E402
 from metapeft_dist.job import Init, build_job  # noqa: E402
+from metapeft_dist.sweeps import Sweep  # noqa: E402
+
+from select_bench import PIECE, Scorers  # noqa: E402  (bench/, the script's directory)
 
 STEPS = 10
 SHOWN = (0, 1, 5, 10)
 
 
-def compare(hyper_run: str, meta_run: str, tasks: int = 60) -> dict:
+def curves(scorer, inits: list, shots: int, tasks: int) -> dict:
+    """Each init's accuracy after 0..STEPS steps on the meta-test tasks of stream
+    ``shots`` (the final evaluation's), in pieces of PIECE tasks on ``scorer``."""
+    import numpy as np
+
+    sweep = Sweep("test", None, STEPS)
+    todo = [(init.name, shots, first, min(PIECE, tasks - first), sweep)
+            for init in inits for first in range(0, tasks, PIECE)]
+    done = scorer.run(inits, todo, lambda piece: None)
+    return {init.name: np.concatenate([done[p] for p in todo if p[0] == init.name])
+            for init in inits}
+
+
+def compare(hyper_run: str, meta_run: str, tasks: int = 60, local: bool = False) -> dict:
+    """The inits adapted where the hypernetwork run's job runs (its Ray workers on an
+    embedded Ray; here for runtime.mode local), or here with ``local``."""
+    with Scorers(local=local) as scorers:
+        return _compare(hyper_run, meta_run, tasks, scorers)
+
+
+def _compare(hyper_run: str, meta_run: str, tasks: int, scorers: Scorers) -> dict:
     spec, hyper_ckpt = load_run(hyper_run, text=False)
     if spec.algorithm.name != "hyper":
         sys.exit(f"{hyper_run} is not a hypernetwork run (algorithm.name hyper)")
-    job = build_job(spec)
+    job, scorer = scorers.get(hyper_run, lambda: build_job(spec))
     other, meta_ckpt = load_run(meta_run, text=False)
     if other.model != spec.model:
         sys.exit("the two runs use different models")
@@ -58,21 +84,20 @@ def compare(hyper_run: str, meta_run: str, tasks: int = 60) -> dict:
              "standard+proto": Init("standard+proto",
                                     proto(mx.random.key(5), standard.meta["params"]),
                                     job.frozen)}
-    evaluator = Evaluator(job, STEPS)
     out: dict = {}
     for shots in (1, 5):
-        curves = {}
-        for name, init in inits.items():
-            t0 = time.time()
-            curves[name] = evaluator.curves(init, "test", shots, tasks, shots, 20)
-            row = " ".join(f"{100 * curves[name].mean(0)[s]:5.1f}" for s in SHOWN)
-            print(f"{shots}-shot {name:<15} {row}   ({time.time() - t0:.0f} s)", flush=True)
+        t0 = time.time()
+        by_init = curves(scorer, list(inits.values()), shots, tasks)
+        for name, values in by_init.items():
+            row = " ".join(f"{100 * values.mean(0)[s]:5.1f}" for s in SHOWN)
+            print(f"{shots}-shot {name:<15} {row}", flush=True)
+        print(f"  ({time.time() - t0:.0f} s)", flush=True)
         result = {}
-        for name, values in curves.items():
+        for name, values in by_init.items():
             mean, ci = mean_ci95(values)
             result[name] = {"mean": mean.tolist(), "ci95": ci.tolist()}
         for other in ("meta", "meta+proto", "standard+proto"):
-            mean, ci = mean_ci95(curves["hyper"] - curves[other])
+            mean, ci = mean_ci95(by_init["hyper"] - by_init[other])
             result[f"hyper-{other}"] = {"mean": mean.tolist(), "ci95": ci.tolist()}
             cells = ", ".join(f"{s} {100 * mean[s]:+.1f}±{100 * ci[s]:.1f}" for s in SHOWN)
             print(f"  hyper - {other}: {cells}", flush=True)
@@ -80,7 +105,13 @@ def compare(hyper_run: str, meta_run: str, tasks: int = 60) -> dict:
     return out
 
 
-def prune_sweep(hyper_run: str, fractions: list[float], tasks: int = 60) -> dict:
+def prune_sweep(hyper_run: str, fractions: list[float], tasks: int = 60,
+                local: bool = False) -> dict:
+    with Scorers(local=local) as scorers:
+        return _prune_sweep(hyper_run, fractions, tasks, scorers)
+
+
+def _prune_sweep(hyper_run: str, fractions: list[float], tasks: int, scorers: Scorers) -> dict:
     import dataclasses
 
     import numpy as np
@@ -93,16 +124,15 @@ def prune_sweep(hyper_run: str, fractions: list[float], tasks: int = 60) -> dict
     for fraction in [0.0, *fractions]:
         pruned = dataclasses.replace(spec, algorithm=dataclasses.replace(
             spec.algorithm, hyper=dataclasses.replace(spec.algorithm.hyper, prune=fraction)))
-        job = build_job(pruned)
+        job, scorer = scorers.get(fraction, lambda s=pruned: build_job(s))
         init = Init("hyper", checkpoint.meta, checkpoint.frozen or job.frozen)
-        evaluator = Evaluator(job, STEPS)
         row: dict = {}
         for shots in (1, 5):
-            curves = evaluator.curves(init, "test", shots, tasks, shots, 20)
+            values = curves(scorer, [init], shots, tasks)["hyper"]
             sx, sy, _, _ = to_mx(job.episodes("test", shots, range(tasks), shots))
             kept = [ranks(job.algorithm.generate(init.meta, job.loss_fn(init.frozen),  # type: ignore
                                                  sx[i], sy[i])) for i in range(tasks)]
-            mean, ci = mean_ci95(curves)
+            mean, ci = mean_ci95(values)
             row[str(shots)] = {"mean": mean[[0, STEPS]].tolist(), "ci95": ci[[0, STEPS]].tolist(),
                                "rank": {k: float(np.mean([r[k] for r in kept])) for k in kept[0]}}
             print(f"prune {fraction:.2f} {shots}-shot: {100 * mean[0]:.1f} ± {100 * ci[0]:.1f} "
@@ -114,10 +144,13 @@ def prune_sweep(hyper_run: str, fractions: list[float], tasks: int = 60) -> dict
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    here = "--local" in args
+    args = [a for a in args if a != "--local"]
     if args[:1] == ["--prune"] and len(args) >= 3:
         print(json.dumps(prune_sweep(args[2], [float(f) for f in args[1].split(",")],
-                                     int(args[3]) if len(args) > 3 else 60)))
+                                     int(args[3]) if len(args) > 3 else 60, here)))
     elif len(args) >= 2:
-        print(json.dumps(compare(args[0], args[1], int(args[2]) if len(args) > 2 else 60)))
+        print(json.dumps(compare(args[0], args[1], int(args[2]) if len(args) > 2 else 60,
+                                 here)))
     else:
         sys.exit(__doc__)

@@ -43,12 +43,12 @@ pretrained on the meta-train digits). Reported, with 95% CIs:
     global choice and the configuration that beats it most often. Near 1, a second query
     set would crown the same winners, so the misses are the predictor's to fix.
 
-The adaptations run on the Ray workers of each run's job (sweeps.Sweep pieces of 20
-tasks through runtime/evaluation.py, as a run's evaluation does: an embedded local Ray,
-or the cluster at ``--address``), or in this process with ``--local``; the same numbers
-either way. Task2Vec's embeddings are computed here. Per-task accuracies are kept in
-CACHE (default .bench/select-cache/), so adding a run re-measures only its
-configurations.
+The adaptations run where each run's job runs, as ``metapeft eval``'s: on the Ray
+workers of the job (sweeps.Sweep pieces of 20 tasks through runtime/evaluation.py, as a
+run's evaluation: an embedded local Ray, or the cluster at ``--address``), or in this
+process for ``runtime.mode: local`` or with ``--local``; the same numbers either way.
+Task2Vec's embeddings are computed here. Per-task accuracies are kept in CACHE (default
+.bench/select-cache/), so adding a run re-measures only its configurations.
 
     python bench/select_bench.py [--tasks N] [--query Q] [--shots K] [--cache DIR]
                                  [--support-cv] [--address HOST:PORT | --local]
@@ -116,23 +116,22 @@ def _configurations(sources) -> dict:
     return out
 
 
-def _job(spec, family: str, on_ray: bool = False):
+def _job(spec, family: str):
     from metapeft_dist.crossdomain import retarget
     from metapeft_dist.job import build_job
 
     overrides = [f"eval.steps={STEPS}"]
     if spec.model.kind in ("mlp", "conv"):
         overrides.append("model.base=pretrained")  # the pretrained baseline and the probe
-    if on_ray and spec.runtime.mode == "local":
-        overrides.append("runtime.mode=sync")
     return build_job(retarget(spec, family, overrides=overrides))
 
 
 class Scorers:
-    """Where the configurations are adapted and scored: the Ray workers of each run's job
-    on a family (an embedded Ray started once, or the cluster at ``address``; one job's
-    workers at a time), or this process with ``local``. The same bits either way
-    (sweeps.Piece)."""
+    """Where the configurations are adapted and scored: where each run's job runs, as
+    ``metapeft eval`` does (the Ray workers of the job on a family: an embedded Ray
+    started once, or the cluster at ``address``, one job's workers at a time; this
+    process for runtime.mode local), or this process for every job with ``local``. The
+    same bits either way (sweeps.Piece)."""
 
     def __init__(self, address: str | None = None, local: bool = False):
         self.address, self.local = address, local
@@ -148,21 +147,21 @@ class Scorers:
         self._open.close()
         self._ray.close()
 
-    def get(self, path: str, spec, family: str):
-        """(job, scorer) of the run at ``path`` retargeted to ``family``."""
+    def get(self, key, build):
+        """(job, scorer) of the job ``build()`` makes (built once per ``key``)."""
         from metapeft_dist.evaluate import LocalScorer
 
-        if self.key != (path, family):
+        if self.key != key:
             self._open.close()
-            self.job = _job(spec, family, on_ray=not self.local)
-            if self.local:
+            self.job = build()
+            if self.local or self.job.spec.runtime.mode == "local":
                 self.scorer = LocalScorer(self.job)
             else:
                 self._start_ray()
                 from metapeft_dist.runtime.driver import ray_scorer
 
                 self.scorer = self._open.enter_context(ray_scorer(self.job, self.address))
-            self.key = (path, family)
+            self.key = key
         return self.job, self.scorer
 
     def _start_ray(self) -> None:
@@ -200,7 +199,7 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
             accuracy[key] = json.loads(file.read_text())
             continue
         spec, checkpoint = sources[path]
-        job, scorer = scorers.get(path, spec, family)
+        job, scorer = scorers.get((path, family), lambda s=spec: _job(s, family))
         if init == "meta":
             frozen = checkpoint.frozen or job.frozen  # an MLP run's own pretrained base
             start = Init("meta", narrow(checkpoint.meta, job.spec.family.ways), frozen)
