@@ -196,7 +196,7 @@ def build_job(spec: JobSpec, frozen_frame: bytes | None = None,
     info = family.info
     out_dim = 1 if info.kind == "regression" else spec.family.ways
     model = build_model(spec.model, info.input_shape, out_dim, family)
-    objective = objective_for(info.kind)
+    objective = objective_for(info.kind, spec.model.label_loss == "vocabulary")
     algorithm = make_algorithm(spec)
     job = Job(spec, family, model, objective, algorithm, frozen={}, initial_meta={},
               files=family.files)

@@ -112,6 +112,9 @@ BAD = [
     ("family: {name: wordnet, ways: 5}\nmodel: {kind: encoder, train: lora, lora: {}}\n"
      "algorithm: {name: fomaml}\neval: {baselines: [in_context]}", "eval.baselines",
      "applies to kind causal_lm, not encoder"),
+    ("family: {name: wordnet, ways: 5}\nmodel: {kind: encoder, train: lora, lora: {},"
+     " label_loss: vocabulary}\nalgorithm: {name: fomaml}", "model.label_loss",
+     "applies to kind causal_lm, not encoder"),
     (MINIMAL + "eval: {baselines: [in_context, in_context_chat]}", "eval.baselines",
      "in_context, in_context_chat (prompting with the support set) applies to kind "
      "causal_lm, not mlp"),

@@ -259,3 +259,22 @@ def test_support_scores_before_any_step_are_the_inits_accuracy_on_the_support_se
     assert named_sweep(job.spec, "val") == Sweep("val", 0, 1, with_loss=True)
     with pytest.raises(ValueError, match="unknown evaluation sweep 'tset'"):
         scorer.piece(init, 3, 0, 2, "tset")
+
+
+def test_nll_reads_normalized_log_probabilities_and_picks_the_objective():
+    """objectives.nll: the mean negative log-probability of the labels, not normalized
+    again (cross-entropy would renormalize among the columns); objective_for gives it
+    for a model whose outputs are log-probabilities (model.label_loss: vocabulary)."""
+    import mlx.core as mx
+
+    from metapeft_dist.objectives import (CLASSIFICATION, LOG_PROB_CLASSIFICATION,
+                                          REGRESSION, cross_entropy, nll, objective_for)
+
+    log_probs = mx.log(mx.array([[0.5, 0.25], [0.125, 0.25]]))  # 0.25, 0.625 elsewhere
+    y = mx.array([0, 1], dtype=mx.int32)
+    assert nll(log_probs, y).item() == pytest.approx((math.log(2) + math.log(4)) / 2)
+    # among the two columns alone: -log(0.5 / 0.75) and -log(0.25 / 0.375)
+    assert cross_entropy(log_probs, y).item() == pytest.approx(math.log(1.5))
+    assert objective_for("classification", log_probs=True) is LOG_PROB_CLASSIFICATION
+    assert objective_for("classification") is CLASSIFICATION
+    assert objective_for("regression", log_probs=True) is REGRESSION

@@ -185,6 +185,16 @@ class ModelSpec:
         "causal_lm: the whole prompt)",
         default=32,
     )
+    label_loss: Literal["letters", "vocabulary"] = documented(
+        "causal_lm: letters: cross-entropy among the label letters' logits at the read "
+        "position (the head's rows of the letters alone); vocabulary: the LM's own loss "
+        "on the label token, its log-probability over the whole vocabulary there (the "
+        "full head at that one position, as mlx-lm's LoRA trainer scores a completion), "
+        "so the adapted model also puts the letter above every other token and "
+        "mlx_lm.generate answers with it. Accuracy is the argmax among the letters either "
+        "way",
+        default="letters",
+    )
 
     def __post_init__(self) -> None:
         with Checks() as check:
@@ -211,6 +221,8 @@ class ModelSpec:
                   "causal_lm needs path: a local mlx-lm model directory, a GGUF file or "
                   "a known model name (smollm2-135m)")
             check(self.dtype == "auto" or self.kind == "causal_lm", "dtype",
+                  f"applies to kind causal_lm, not {self.kind}")
+            check(self.label_loss == "letters" or self.kind == "causal_lm", "label_loss",
                   f"applies to kind causal_lm, not {self.kind}")
             if text:
                 check(self.train == "lora", "train",

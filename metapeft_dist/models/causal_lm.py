@@ -26,7 +26,12 @@ unless a state overflows it, then float32), cached on disk under
 files, the texts, ``max_len`` and that layer (models/lm_states.py). With every layer
 adapted it holds the embedding lookup. A call then runs only the adapted layers (the top
 one's MLP at the read position alone), the final norm, and the head's rows of the
-verbalizer tokens: never the full vocabulary. Frozen entries never travel
+verbalizer tokens: never the full vocabulary. With ``model.label_loss: vocabulary`` the
+whole head runs at the read position (one row of logits per prompt, ~49k x hidden for
+SmolLM2) and the outputs are the letters' log-probabilities over the vocabulary: the
+objective is their negative log-likelihood, the LM's own loss on the label token, so
+the adapted LM also ranks the right letter above every other token (what
+``mlx_lm.generate`` answers). Frozen entries never travel
 (``Job.stored_frozen``): each process builds them, from the cache.
 
 The base weights live in the mlx-lm module, loaded once per process and LoRA
@@ -75,6 +80,7 @@ from metapeft_dist.models.lm_states import (
     corpus_key,
     corpus_states,
     first_adapted,
+    full_logits,
     head_rows,
     read_states,
     state_dtype,
@@ -107,6 +113,7 @@ class CausalLMModel:
     max_len: int
     out_dim: int
     texts: tuple[str, ...] = field(compare=False, hash=False, repr=False, default=())
+    label_loss: str = "letters"  # or "vocabulary": the letters' log-probabilities
     kind: str = "causal_lm"
     logit_scale = 1.0  # the LM's logits of the label tokens as they are (not a field)
 
@@ -145,7 +152,8 @@ class CausalLMModel:
     def __call__(self, params: Params, x: mx.array) -> mx.array:
         """x: int example indices (...,) -> logits (..., out_dim) of the verbalizer
         tokens at each prompt's last position, from its cached states through the
-        adapted layers."""
+        adapted layers; with ``label_loss`` "vocabulary" their log-probabilities over
+        the whole vocabulary (the full head at that position alone)."""
         module = self.module()
         module.update(tree_unflatten([(n, v) for n, v in params.items()
                                       if not n.startswith("inputs.")]))
@@ -156,8 +164,13 @@ class CausalLMModel:
         last = mask.reshape(-1, length).sum(axis=-1) - 1
         states = hidden.reshape(-1, length, width).astype(state_dtype(module))
         read = upper_states(module, self.start_layer, states, last)
-        logits = read @ self.label_rows().T
-        return logits.astype(mx.float32).reshape(*index.shape, self.out_dim)
+        if self.label_loss == "vocabulary":
+            every = full_logits(module, read).astype(mx.float32)
+            logits = (every[:, self.verbalizer()]
+                      - mx.logsumexp(every, axis=-1, keepdims=True))
+        else:
+            logits = (read @ self.label_rows().T).astype(mx.float32)
+        return logits.reshape(*index.shape, self.out_dim)
 
     def label_rows(self) -> mx.array:
         """(out_dim, hidden): the LM head's rows of the verbalizer tokens."""
@@ -165,7 +178,8 @@ class CausalLMModel:
 
     def with_out_dim(self, out_dim: int) -> "CausalLMModel":
         return CausalLMModel(self.path, self.num_layers, self.keys, self.lora_rank,
-                             self.lora_scale, self.max_len, out_dim, self.texts)
+                             self.lora_scale, self.max_len, out_dim, self.texts,
+                             self.label_loss)
 
     def export(self, params: Params, out_dir) -> Path:
         """Write the adapters in mlx-lm's format (models/export.py)."""
@@ -195,7 +209,7 @@ def build_causal_lm(spec, texts: tuple[str, ...], out_dim: int) -> CausalLMModel
         num_layers = min(spec.lora.layers, layers)
     keys = tuple(TARGET_KEYS.get(t, t) for t in spec.lora.targets)
     return CausalLMModel(path, num_layers, keys, spec.lora.rank, spec.lora.scale,
-                         spec.max_len, out_dim, tuple(texts))
+                         spec.max_len, out_dim, tuple(texts), spec.label_loss)
 
 
 def platform_dtype() -> str:

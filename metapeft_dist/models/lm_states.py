@@ -70,6 +70,14 @@ def upper_states(module: nn.Module, start: int, states: mx.array, last: mx.array
     return module.model.norm(states)
 
 
+def full_logits(module: nn.Module, read: mx.array) -> mx.array:
+    """(n, vocabulary) logits of final-norm states ``read`` (n, hidden): the whole LM
+    head (a tied one through the embedding's as_linear, quantized or not)."""
+    if tied(module):
+        return module.model.embed_tokens.as_linear(read)
+    return module.lm_head(read)
+
+
 def head_rows(module: nn.Module, tokens: mx.array) -> mx.array:
     """(k, hidden) rows of the LM head for ``tokens``: ``hidden @ rows.T`` are those
     tokens' logits. A tied head is the embedding, whose lookup dequantizes a quantized
