@@ -400,14 +400,15 @@ def test_mlx_lm_lora_trains_from_the_export(exported, llama_dir, tmp_path):
 
 def test_build_from_a_spec_maps_encoder_target_names(llama_dir):
     lora = SimpleNamespace(rank=2, scale=1.5, layers=None, targets=("query", "output"))
-    spec = SimpleNamespace(path=llama_dir, dtype="auto", max_len=20, lora=lora)
+    spec = SimpleNamespace(path=llama_dir, dtype="auto", max_len=20, lora=lora,
+                           label_loss="vocabulary")
     model = build_causal_lm(spec, TEXTS, 3)
-    assert (model.num_layers, model.keys, model.kind) == (
-        2, ("self_attn.q_proj", "self_attn.o_proj"), "causal_lm")
+    assert (model.num_layers, model.keys, model.kind, model.label_loss) == (
+        2, ("self_attn.q_proj", "self_attn.o_proj"), "causal_lm", "vocabulary")
     assert model.with_out_dim(5).out_dim == 5 and model.with_out_dim(5).texts == TEXTS
     with pytest.raises(FileNotFoundError, match="config.json"):
         build_causal_lm(SimpleNamespace(path=llama_dir + "/missing", dtype="auto", max_len=20,
-                                        lora=lora), TEXTS, 3)
+                                        lora=lora, label_loss="letters"), TEXTS, 3)
 
 
 def test_model_path_and_dtype_errors_name_the_field(llama_dir, tmp_path):
