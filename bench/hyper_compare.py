@@ -32,7 +32,7 @@ import mlx.core as mx  # noqa: E402
 from metapeft_dist.rundir import load_run  # noqa: E402
 from metapeft_dist.curves import mean_ci95  # noqa: E402
 from metapeft_dist.job import Init, build_job  # noqa: E402
-from metapeft_dist.sweeps import Sweep  # noqa: E402
+from metapeft_dist.sweeps import Sweep, assemble, chunks  # noqa: E402
 
 from select_bench import PIECE, Scorers  # noqa: E402  (bench/, the script's directory)
 
@@ -43,14 +43,10 @@ SHOWN = (0, 1, 5, 10)
 def curves(scorer, inits: list, shots: int, tasks: int) -> dict:
     """Each init's accuracy after 0..STEPS steps on the meta-test tasks of stream
     ``shots`` (the final evaluation's), in pieces of PIECE tasks on ``scorer``."""
-    import numpy as np
-
     sweep = Sweep("test", None, STEPS)
-    todo = [(init.name, shots, first, min(PIECE, tasks - first), sweep)
-            for init in inits for first in range(0, tasks, PIECE)]
+    todo = [p for init in inits for p in chunks(init.name, shots, tasks, PIECE, sweep)]
     done = scorer.run(inits, todo, lambda piece: None)
-    return {init.name: np.concatenate([done[p] for p in todo if p[0] == init.name])
-            for init in inits}
+    return {init.name: assemble(done, todo, init.name, shots) for init in inits}
 
 
 def compare(hyper_run: str, meta_run: str, tasks: int = 60, local: bool = False) -> dict:

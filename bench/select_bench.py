@@ -181,7 +181,7 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
     or with ``on`` "support-cv" or "support-fit" their support-set accuracy
     (evaluate.on_support), computed by ``scorers`` (default: here) in pieces of 20
     tasks (cached per configuration, family, split and task count)."""
-    from metapeft_dist.sweeps import Sweep
+    from metapeft_dist.sweeps import Sweep, assemble, chunks
     from metapeft_dist.job import Init
     from metapeft_dist.rundir import narrow
 
@@ -206,10 +206,9 @@ def measure(sources, configs: dict, family: str, split: str, tasks: int, cache: 
         else:
             start = job.baseline({"standard": "random"}.get(init, init))
         t0 = time.time()
-        todo = [(start.name, shots, first, min(PIECE, tasks - first), sweep)
-                for first in range(0, tasks, PIECE)]
+        todo = chunks(start.name, shots, tasks, PIECE, sweep)
         curves = scorer.run([start], todo, lambda piece: None)
-        accuracy[key] = np.concatenate([curves[p][:, 0] for p in todo]).tolist()
+        accuracy[key] = assemble(curves, todo, start.name, shots)[:, 0].tolist()
         file.write_text(json.dumps(accuracy[key]))
         print(f"  {family}/{split} {key}{'' if on == 'query' else f' ({on})'}: "
               f"{100 * np.mean(accuracy[key]):.1f}% "

@@ -64,9 +64,14 @@ def pieces(spec: JobSpec, inits: list[Init], sweep: str = "test") -> list[Piece]
         tasks, shot_counts = spec.eval.tasks, spec.eval.shots
     else:
         tasks, shot_counts = spec.eval.val_tasks, (spec.family.shots,)
-    chunk = spec.eval.chunk
-    return [(init.name, shots, start, min(chunk, tasks - start), sweep)
-            for shots in shot_counts for init in inits for start in range(0, tasks, chunk)]
+    return [piece for shots in shot_counts for init in inits
+            for piece in chunks(init.name, shots, tasks, spec.eval.chunk, sweep)]
+
+
+def chunks(name: str, shots: int, tasks: int, chunk: int, sweep: str | Sweep) -> list[Piece]:
+    """The pieces of ``tasks`` tasks of one init at one shot count, ``chunk`` at a time."""
+    return [(name, shots, start, min(chunk, tasks - start), sweep)
+            for start in range(0, tasks, chunk)]
 
 
 def assemble(curves: dict[Piece, np.ndarray], todo: list[Piece], name: str,
