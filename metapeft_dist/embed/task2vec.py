@@ -9,6 +9,16 @@ distribution (the true Fisher, not the empirical one; the paper samples labels).
 weight matrix's Fisher is averaged per output unit (per filter for a conv kernel), so
 the embedding's size is fixed by the probe, not by the task.
 
+A weight matrix's per-unit Fisher needs no per-example weight gradient: for a linear
+layer ``y_t = W x_t + b`` over positions t (tokens, pixels) of one example, the gradient
+is ``g = sum_t delta_t x_t^T`` with ``delta_t`` the gradient at ``y_t``, so unit o's sum
+of squares is ``sum_{t,s} delta_t[o] delta_s[o] (x_t . x_s)``: the positions' Gram
+matrix between two vectors of output gradients. :func:`fisher_per_unit` gets the
+``delta`` of every example at once, from one batched gradient per class with respect
+to a per-position copy of each bias, and the inputs ``x`` recorded in a forward pass
+(models/lora.py): a fraction of the time and memory of :func:`fisher_diagonal`, which
+forms every example's full gradient and stays as the definition the tests check it by.
+
 Distances between two Fisher embeddings use the paper's symmetric normalization (see
 :func:`metapeft_dist.embed.distance`).
 """
@@ -92,6 +102,74 @@ def fisher_diagonal(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array
     return {k: v / n for k, v in total.items()}
 
 
+def fisher_per_unit(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array
+                    ) -> np.ndarray:
+    """``per_unit(fisher_diagonal(probe, head, x), probe.base_names)``, computed from
+    per-position output gradients (see the module docstring); equal to it up to float32
+    rounding (the same sums in another order).
+
+    Each layer that recorded its input (models/lora.py) gets a per-position copy of its
+    bias (a "tap", zero plus the bias, shaped like the layer's output), and of its
+    weight when that is elementwise (a layer norm's scale): one gradient of the class's
+    log-probability summed over the examples, which do not interact, gives every
+    example's gradient at every position. A weight matrix's per-unit sum of squares is
+    then the Gram form above, a bias's or an elementwise weight's per-example gradient
+    the sum over positions. Base weights of a layer that records nothing fall back to
+    per-example gradients (as :func:`fisher_diagonal`)."""
+    from metapeft_dist.models.lora import recording_inputs
+
+    w, b = head
+    ways, n = w.shape[0], x.shape[0]
+    base = probe.base()
+    with recording_inputs() as inputs:
+        probs = mx.softmax(probe.forward(base, x) @ w.T + b, axis=-1)  # (n, ways)
+    layers = {k: v for k, v in inputs.items() if k in base and v[1] in base}
+    matrices = {k: v for k, v in layers.items() if base[k].ndim > 1}
+    grams = {}
+    taps = {}  # base key -> its per-position copy's shape
+    for k, (inp, bias) in layers.items():
+        out = (*inp.shape[:-1], base[bias].shape[0])
+        taps[bias] = out
+        if k in matrices:
+            flat = inp.reshape(n, -1, inp.shape[-1]).astype(mx.float32)  # (n, P, fan_in)
+            grams[k] = flat @ mx.swapaxes(flat, 1, 2)  # (n, P, P)
+        else:
+            taps[k] = out
+    others = {k: base[k] for k in base if k not in matrices and k not in taps}
+
+    def log_probs(weights, xs):
+        logits = probe.forward(weights, xs) @ w.T + b
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def class_log_prob(zeros, c):  # summed over the examples
+        return log_probs({**base, **{k: base[k] + z for k, z in zeros.items()}}, x)[:, c].sum()
+
+    total = {k: mx.zeros((base[k].shape[0],) if k in matrices else base[k].shape)
+             for k in base}
+    zeros = {k: mx.zeros(shape) for k, shape in taps.items()}
+    for c in range(ways):
+        weight = probs[:, c]
+        grads = mx.grad(class_log_prob)(zeros, c)
+        for k, g in grads.items():  # per position: sum over them, per example
+            g = g.reshape(n, -1, g.shape[-1])
+            total[k] = total[k] + (weight[:, None] * g.sum(axis=1) ** 2).sum(axis=0)
+        for k, (_, bias) in matrices.items():
+            delta = grads[bias].reshape(n, -1, base[k].shape[0])  # (n, P, out)
+            squares = (delta * (grams[k] @ delta)).sum(axis=1)  # (n, out)
+            total[k] = total[k] + (weight[:, None] * squares).sum(axis=0) / (
+                base[k].size // base[k].shape[0])
+        if others:
+            def one(v, xi, c=c):
+                return log_probs({**base, **v}, xi[None])[0, c]
+
+            for k, g in mx.vmap(mx.grad(one), in_axes=(None, 0))(others, x).items():
+                g = g.astype(mx.float32)
+                total[k] = total[k] + (weight.reshape((-1,) + (1,) * (g.ndim - 1))
+                                       * g * g).sum(axis=0)
+        mx.eval(total)
+    return per_unit({k: v / n for k, v in total.items()}, probe.base_names)
+
+
 class Task2Vec:
     """Fisher embeddings of tasks through ``probe``."""
 
@@ -108,7 +186,7 @@ class Task2Vec:
     def embed_one(self, task: TaskSample) -> np.ndarray:
         x = mx.array(task.x)
         head = train_head(self.probe.features(x), task.y, task.ways, self.head_steps)
-        return per_unit(fisher_diagonal(self.probe, head, x), self.probe.base_names)
+        return fisher_per_unit(self.probe, head, x)
 
     def embed(self, tasks: Sequence[TaskSample]) -> np.ndarray:
         return np.stack([self.embed_one(t) for t in tasks])

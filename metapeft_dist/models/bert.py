@@ -182,7 +182,11 @@ def _dense(params: Params, name: str, x: mx.array, lora_scale: float) -> mx.arra
 
 
 def _layer_norm(params: Params, name: str, x: mx.array, eps: float) -> mx.array:
-    return mx.fast.layer_norm(x, params[f"{name}.weight"], params[f"{name}.bias"], eps)
+    weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+    lora.record_input(f"{name}.weight", f"{name}.bias", x)
+    if weight.ndim > 1:  # one scale and shift per position (Task2Vec's taps): unfused
+        return mx.fast.layer_norm(x, None, None, eps) * weight + bias
+    return mx.fast.layer_norm(x, weight, bias, eps)
 
 
 # erf(z) = z P(z^2) / Q(z^2) for |z| <= 4 (and +-1 beyond, to float32 precision): the

@@ -12,7 +12,7 @@ import math
 
 import mlx.core as mx
 
-from metapeft_dist.models.lora import init_lora, lora_delta
+from metapeft_dist.models.lora import init_lora, lora_delta, record_input
 from metapeft_dist.models.mlp import init_linear, linear
 from metapeft_dist.tree import Params
 
@@ -33,7 +33,9 @@ def conv3x3(params: Params, name: str, x: mx.array, lora_scale: float) -> mx.arr
     delta = lora_delta(params, name, lora_scale)
     if delta is not None:
         kernel = kernel + delta
-    return im2col3x3(x) @ kernel + params[f"{name}.b"]
+    patches = im2col3x3(x)
+    record_input(f"{name}.w", f"{name}.b", patches)
+    return patches @ kernel + params[f"{name}.b"]
 
 
 def max_pool2(x: mx.array) -> mx.array:

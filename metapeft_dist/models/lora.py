@@ -10,13 +10,44 @@ they multiply im2col patches with, as loralib's ConvLoRA does.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Iterator
 
 import mlx.core as mx
 
 from metapeft_dist.tree import Params
 
 LORA_KEYS = ("lora_a", "lora_b")
+
+# Where a linear layer's inputs are kept while :func:`recording_inputs` is active.
+_INPUTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lora_inputs",
+                                                                      default=None)
+
+
+@contextlib.contextmanager
+def recording_inputs() -> Iterator[dict[str, tuple[mx.array, str]]]:
+    """Within it, every linear layer a model runs (:func:`lora_linear`, the conv net's
+    im2col matmul) records ``weight key -> (its input, its bias key)``, the input as the
+    weight multiplies it: (..., fan_in); so does every layer norm (the BERT encoder's),
+    whose weight and bias scale and shift its normalized input elementwise. Task2Vec's
+    per-unit Fisher reads them (embed/task2vec.py). Only for eager calls: inside a
+    transformation the inputs are placeholders."""
+    inputs: dict[str, tuple[mx.array, str]] = {}
+    token = _INPUTS.set(inputs)
+    try:
+        yield inputs
+    finally:
+        _INPUTS.reset(token)
+
+
+def record_input(weight: str, bias: str, x: mx.array) -> None:
+    """Keep ``x`` as the input of the layer with keys ``weight`` and ``bias`` while
+    :func:`recording_inputs` is active."""
+    inputs = _INPUTS.get()
+    if inputs is not None:
+        inputs[weight] = (x, bias)
 
 
 def init_lora(key: mx.array, fan_in: int, fan_out: int, rank: int) -> dict[str, mx.array]:
@@ -36,6 +67,7 @@ def lora_linear(params: Params, layer: str, x: mx.array, scale: float, weight: s
     adapter path stays low-rank, ``(x A) B``, never merged into W as :func:`lora_delta`
     is: that is a different order of operations, so different bits.
     """
+    record_input(f"{layer}.{weight}", f"{layer}.{bias}", x)
     y = x @ params[f"{layer}.{weight}"].T + params[f"{layer}.{bias}"]
     a = params.get(f"{layer}.lora_a")
     if a is not None:

@@ -95,6 +95,25 @@ def test_fisher_matches_per_example_gradients():
     np.testing.assert_allclose(vector, np.concatenate([expected["hidden0.b"],
                                                        expected["hidden0.w"].mean(axis=1)]),
                                rtol=1e-4, atol=1e-9)
+    # What Task2Vec computes, from per-position output gradients and the inputs' Gram
+    # matrices: the same per-unit sums in another order (float32 rounding apart).
+    np.testing.assert_allclose(task2vec.fisher_per_unit(probe, head, x), vector,
+                               rtol=1e-4, atol=1e-9)
+
+
+def test_the_gram_fisher_of_a_conv_net_is_its_per_example_fisher():
+    """The conv net's kernels through their im2col patches (per filter: 9 x in
+    entries), two conv blocks and the head's input, against per-example gradients."""
+    model = Model("conv", (6, 6, 2), (3, 4), 3)
+    params = model.init(mx.random.key(1))
+    probe = probe_from_model(model, params, "conv")
+    x = mx.array(np.random.default_rng(1).normal(size=(4, 6, 6, 2)).astype(np.float32))
+    head = (mx.array(np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)),
+            mx.zeros((3,)))
+    expected = task2vec.per_unit(task2vec.fisher_diagonal(probe, head, x), probe.base_names)
+    assert expected.shape == (3 + 3 + 4 + 4,) and expected.min() > 0
+    np.testing.assert_allclose(task2vec.fisher_per_unit(probe, head, x), expected,
+                               rtol=1e-4, atol=1e-12)
 
 
 def test_head_fits_a_separable_task():
@@ -127,6 +146,15 @@ def test_task2vec_tells_text_families_apart(text_jobs):
         probe = probe_from_job(job)
         groups.append(make_embedder("task2vec", probe).embed(family_samples(job, "test", 7, 6)))
     assert groups[0].shape == (6, 8448)  # per unit of MiniLM's top layer
+    # The Gram form through MiniLM (attention over padded tokens, layer norms by their
+    # per-position taps) equals the per-example Fisher up to float32 rounding.
+    job = text_jobs["wordnet"]
+    probe, task = probe_from_job(job), family_samples(job, "test", 7, 1)[0]
+    x = mx.array(task.x)
+    head = task2vec.train_head(probe.features(x), task.y, task.ways)
+    np.testing.assert_allclose(
+        groups[0][0], task2vec.per_unit(task2vec.fisher_diagonal(probe, head, x),
+                                        probe.base_names), rtol=1e-4, atol=1e-12)
     share = within_beats_between(groups)
     print(f"task2vec within-family nearer than between in {share:.1%} of triples")
     assert share >= 0.9
