@@ -15,7 +15,7 @@ classify by verbalized labels, not a head, and have no probe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -66,15 +66,32 @@ class Probe:
         """Features (..., d) of inputs ``x`` with the base weights ``base``."""
         return head_input(self.model, {**self.params, **base}, x, self.dim)
 
+    def narrow(self, x: np.ndarray | mx.array) -> tuple["Probe", mx.array]:
+        """This probe on inputs ``x`` only, with the inputs that run it there: for a
+        model that can narrow its cached inputs to them (the encoder cuts the padding
+        the texts share), a probe over less data, same features up to float32 rounding;
+        otherwise this probe and ``x``."""
+        narrow = getattr(self.model, "narrow", None)
+        if narrow is None:
+            return self, mx.array(x)
+        params, index = narrow(self.params, np.array(x))
+        return replace(self, params=params), index
+
     def features(self, x: np.ndarray | mx.array) -> np.ndarray:
-        """Features (n, d) of inputs ``x`` (n, ...), float32, computed in chunks."""
-        x = mx.array(x)
-        out = []
-        for start in range(0, x.shape[0], _CHUNK):
-            feats = head_input(self.model, self.params, x[start:start + _CHUNK], self.dim)
+        """Features (n, d) of inputs ``x`` (n, ...), float32, computed in chunks (of
+        inputs in order of length, for a model that narrows its inputs)."""
+        x = np.array(x)
+        lengths = getattr(self.model, "lengths", None)
+        order = (np.argsort(lengths(self.params, x), kind="stable") if lengths is not None
+                 else np.arange(len(x)))
+        out = np.zeros((len(x), self.dim), np.float32)
+        for start in range(0, len(x), _CHUNK):
+            rows = order[start:start + _CHUNK]
+            probe, index = self.narrow(x[rows])
+            feats = head_input(probe.model, probe.params, index, self.dim)
             mx.eval(feats)
-            out.append(np.array(feats.astype(mx.float32)))
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+            out[rows] = np.array(feats.astype(mx.float32))
+        return out
 
 
 def probe_from_model(model: Network, params: Params, name: str) -> Probe:

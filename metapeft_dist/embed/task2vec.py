@@ -184,9 +184,9 @@ class Task2Vec:
         return int(sum(self.probe.params[k].shape[0] for k in self.probe.base_names))
 
     def embed_one(self, task: TaskSample) -> np.ndarray:
-        x = mx.array(task.x)
-        head = train_head(self.probe.features(x), task.y, task.ways, self.head_steps)
-        return fisher_per_unit(self.probe, head, x)
+        head = train_head(self.probe.features(task.x), task.y, task.ways, self.head_steps)
+        probe, x = self.probe.narrow(task.x)  # the task's texts only, cut to the longest
+        return fisher_per_unit(probe, head, x)
 
     def embed(self, tasks: Sequence[TaskSample]) -> np.ndarray:
         return np.stack([self.embed_one(t) for t in tasks])

@@ -75,6 +75,23 @@ class EncoderModel:
         return LOGIT_SCALE * bert.classify(params, self.config, None, mask, self.lora_scale,
                                            self.start_layer, hidden)
 
+    def lengths(self, params: Params, x: np.ndarray) -> np.ndarray:
+        """The number of tokens of each text ``x`` indexes."""
+        rows = mx.array(np.asarray(x, dtype=np.int32))
+        return np.array(params["inputs.mask"][rows].astype(mx.int32).sum(axis=1))
+
+    def narrow(self, params: Params, x: np.ndarray) -> tuple[Params, mx.array]:
+        """``params`` whose cached states are the rows ``x`` only, cut to their longest
+        text, and the indices (0..n-1) that run them: the same logits up to float32
+        rounding (padding is masked, so only the shapes, and so the kernels, differ) for
+        less work. For eager use outside a transformation (the cut reads the data)."""
+        rows = mx.array(np.asarray(x, dtype=np.int32))
+        mask = params["inputs.mask"][rows]
+        cut = max(int(mask.astype(mx.int32).sum(axis=1).max()), 1) if rows.size else 1
+        narrowed = {**params, "inputs.hidden": params["inputs.hidden"][rows, :cut],
+                    "inputs.mask": mask[:, :cut]}
+        return narrowed, mx.arange(rows.size)
+
     def export(self, params: Params, out_dir) -> Path:
         """Adapters and head as ``adapters.safetensors``, with ``adapter_config.json``
         naming the base model and where the adapters sit (mlx-lm has no BERT models, so

@@ -146,12 +146,16 @@ def test_task2vec_tells_text_families_apart(text_jobs):
         probe = probe_from_job(job)
         groups.append(make_embedder("task2vec", probe).embed(family_samples(job, "test", 7, 6)))
     assert groups[0].shape == (6, 8448)  # per unit of MiniLM's top layer
-    # The Gram form through MiniLM (attention over padded tokens, layer norms by their
-    # per-position taps) equals the per-example Fisher up to float32 rounding.
+    # What Task2Vec computed, the Gram form (layer norms by per-position taps) on the
+    # task's texts cut to the longest, equals the per-example Fisher through the whole
+    # padded states up to float32 rounding (other shapes, other kernels).
     job = text_jobs["wordnet"]
     probe, task = probe_from_job(job), family_samples(job, "test", 7, 1)[0]
     x = mx.array(task.x)
-    head = task2vec.train_head(probe.features(x), task.y, task.ways)
+    features = probe.features(task.x)  # in order of length, cut
+    np.testing.assert_allclose(features, np.array(probe.forward(probe.base(), x)),
+                               rtol=1e-4, atol=1e-5)
+    head = task2vec.train_head(features, task.y, task.ways)
     np.testing.assert_allclose(
         groups[0][0], task2vec.per_unit(task2vec.fisher_diagonal(probe, head, x),
                                         probe.base_names), rtol=1e-4, atol=1e-12)
