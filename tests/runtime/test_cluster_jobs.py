@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -147,10 +148,23 @@ def _wait_for(predicate, timeout: float = 120, step: float = 0.5):
 
 # --- the job lifecycle ------------------------------------------------------------------
 
-def test_submit_wait_follows_a_job_to_succeeded(head, tmp_path):
+TINY_JOB_ID = "metapeft-tiny-1"
+
+
+@pytest.fixture(scope="module")
+def finished(head, tmp_path_factory):
+    """The tiny job submitted with --wait under a job id of ours, run to the end: its
+    spec, run directory and the submit command's output (several tests read one job)."""
+    tmp_path = tmp_path_factory.mktemp("finished")
+    spec = _spec(tmp_path, TINY)
     run_dir = tmp_path / "run"
-    out = head.cli("submit", _spec(tmp_path, TINY), "--wait", "--run-dir", str(run_dir),
-                   "--cluster", str(CLUSTER_YAML))
+    out = head.cli("submit", spec, "--wait", "--run-dir", str(run_dir), "--job-id",
+                   TINY_JOB_ID, "--cluster", str(CLUSTER_YAML))
+    return {"spec": spec, "run_dir": run_dir, "out": out}
+
+
+def test_submit_wait_follows_a_job_to_succeeded(head, finished):
+    run_dir, out = finished["run_dir"], finished["out"]
     assert out.returncode == 0, out.stderr
     states = [line.split(": ")[-1] for line in out.stderr.splitlines() if line.startswith("[")]
     assert states == ["PENDING", "RUNNING", "SUCCEEDED"], out.stderr
@@ -158,6 +172,7 @@ def test_submit_wait_follows_a_job_to_succeeded(head, tmp_path):
     assert out.stdout.strip().splitlines()[-1].endswith("SUCCEEDED after "
                                                         + out.stdout.split("after ")[-1].strip())
     job_id = out.stdout.strip().splitlines()[-1].split(":")[0]
+    assert job_id == TINY_JOB_ID
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["runtime"]["tasks_completed"] == 30 * 4
@@ -279,12 +294,15 @@ def test_cluster_status_shows_the_head_with_its_mlx_resource_and_rate(head):
     assert status["mlx"] == 1.0 and status["alive"] == 1
 
 
-def test_every_read_command_prints_json_that_parses(head, tmp_path):
-    spec = _spec(tmp_path, TINY)
+def test_every_read_command_prints_json_that_parses(head, finished, tmp_path):
+    spec, run_dir, job_id = finished["spec"], finished["run_dir"], TINY_JOB_ID
     submitted = head.cli("submit", spec, "--json", "--run-dir", str(tmp_path / "run"))
-    job_id = json.loads(submitted.stdout)["job_id"]
+    assert submitted.returncode == 0, submitted.stderr
+    # a job of its own, stopped at once so that it takes no time from the other tests
+    stopped = head.cli("stop", json.loads(submitted.stdout)["job_id"], "--json")
     commands = {
         "submit": submitted,
+        "stop": stopped,
         "status": head.cli("status", job_id, "--json"),
         "status (newest)": head.cli("status", "--json"),
         "logs --follow": head.cli("logs", job_id, "--follow", "--json"),
@@ -293,13 +311,16 @@ def test_every_read_command_prints_json_that_parses(head, tmp_path):
         "stop (ended)": head.cli("stop", job_id, "--json"),
         "cluster status": head.cli("cluster", "status", "--json"),
         "validate": head.cli("validate", spec, "--json"),
-        "report": head.cli("report", str(tmp_path / "run"), "--json",
-                           "--out", str(tmp_path / "plots")),
+        "report": head.cli("report", str(run_dir), "--json", "--out", str(tmp_path / "plots")),
     }
+    # status exits 1 for a job that did not succeed: the newest is the stopped one
+    failing = {"status (newest)": 1}
     parsed = {}
     for name, out in commands.items():
-        assert out.returncode == 0, (name, out.stderr)
+        assert out.returncode == failing.get(name, 0), (name, out.stderr)
         parsed[name] = json.loads(out.stdout)
+    assert parsed["stop"]["status"] == parsed["status (newest)"]["status"] == "STOPPED"
+    assert parsed["status (newest)"]["job_id"] == parsed["submit"]["job_id"]
     assert parsed["logs --follow"]["status"] == "SUCCEEDED"
     assert "meta-training 30/30" in parsed["logs"]["logs"]
     assert parsed["stop (ended)"]["status"] == "SUCCEEDED"  # an ended job stays as it was
@@ -433,24 +454,25 @@ def test_bad_inputs_get_one_line_and_exit_2(head, tmp_path):
     (homes["KEY_HOME"] / ".ssh" / "id_ed25519").write_text("a key\n")
     table = _bad_inputs(tmp_path, head)
     assert len(table) >= 30
-    failures = []
-    for name, (args, env, phrase) in table.items():
+
+    def check(item) -> str | None:
+        name, (args, env, phrase) = item
         env = {key: str(homes.get(value, value)) for key, value in env.items()}
         out = head.cli(*args, timeout=120, **env)
         lines = out.stderr.strip().splitlines()
         ok = (out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
               and phrase in lines[0] and "Traceback" not in out.stderr)
-        if not ok:
-            failures.append(f"{name}: exit {out.returncode}, stderr {out.stderr!r}")
+        return None if ok else f"{name}: exit {out.returncode}, stderr {out.stderr!r}"
+
+    # four commands at a time: each is a process of its own, mostly starting Python
+    with ThreadPoolExecutor(4) as pool:
+        failures = [f for f in pool.map(check, table.items()) if f is not None]
     assert not failures, "\n".join(failures)
 
 
-def test_a_duplicate_job_id_is_refused(head, tmp_path):
-    spec = _spec(tmp_path, TINY)
-    first = head.cli("submit", spec, "--job-id", "metapeft-dup-1", "--run-dir",
-                     str(tmp_path / "one"), "--wait", "--quiet")
-    assert first.returncode == 0, first.stderr
-    again = head.cli("submit", spec, "--job-id", "metapeft-dup-1")
+def test_a_duplicate_job_id_is_refused(head, finished):
+    assert finished["out"].returncode == 0, finished["out"].stderr
+    again = head.cli("submit", finished["spec"], "--job-id", TINY_JOB_ID)
     lines = again.stderr.strip().splitlines()
     assert again.returncode == 2 and len(lines) == 1
-    assert "already has a job 'metapeft-dup-1'" in lines[0]
+    assert f"already has a job '{TINY_JOB_ID}'" in lines[0]
