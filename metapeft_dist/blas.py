@@ -23,12 +23,14 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import platform
 import sys
 import warnings
+from typing import Iterator
 
 _CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -38,6 +40,14 @@ _CANDIDATES = (
 
 # None until the first call; then the loaded path, or "" when none was loaded.
 _loaded: str | None = None
+_library: ctypes.CDLL | None = None
+
+# OpenBLAS threads for a one-off computation over a whole corpus (the text models' cached
+# states): a fixed count, not the machine's cores, because OpenBLAS splits a matmul by
+# its thread count and so the bits of a cache depend on it; with two, a cache built on
+# any machine of one kind is the same. Two threads built MiniLM's states 1.45x faster
+# than one on a 2-core AMD EPYC.
+CACHE_THREADS = 2
 
 _KERNELS = (  # (OpenBLAS core type, the CPU flags its kernels use), best first
     ("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
@@ -105,8 +115,9 @@ def ensure_fast_blas() -> str:
             stacklevel=2,
         )
         return _loaded
+    global _library
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        _library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as err:
         warnings.warn(
             f"metapeft: could not load OpenBLAS from {path} ({err}); MLX falls back to "
@@ -117,6 +128,22 @@ def ensure_fast_blas() -> str:
         return _loaded
     _loaded = path
     return _loaded
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    """OpenBLAS runs its matmuls on ``count`` threads inside, and on as many as before
+    after. Nothing where this process loaded no OpenBLAS (macOS: Accelerate)."""
+    library = _library
+    if library is None or not hasattr(library, "openblas_set_num_threads"):
+        yield
+        return
+    before = library.openblas_get_num_threads()
+    library.openblas_set_num_threads(count)
+    try:
+        yield
+    finally:
+        library.openblas_set_num_threads(before)
 
 
 def _cpu_name() -> str:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from metapeft_dist import blas
@@ -30,6 +31,27 @@ def test_openblas_is_mapped_into_this_process():
     maps = open("/proc/self/maps").read()
     assert os.path.realpath(path) in maps or "libopenblas" in maps
     assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+
+
+@linux_only
+def test_a_corpus_cache_is_built_on_two_threads_with_the_same_bits_every_time():
+    """blas.threads sets OpenBLAS's thread count inside and restores it after; a matmul
+    of a corpus build's shape gives the same bits on each of two runs on two threads."""
+    import ctypes
+
+    import mlx.core as mx
+
+    if not blas.ensure_fast_blas():
+        pytest.skip("OpenBLAS is not installed here (scripts/setup.sh installs it)")
+    library = ctypes.CDLL(blas.ensure_fast_blas())
+    a = mx.random.normal((64 * 20, 384), key=mx.random.key(0))
+    w = mx.random.normal((384, 1536), key=mx.random.key(1))
+    assert library.openblas_get_num_threads() == 1
+    with blas.threads(blas.CACHE_THREADS):
+        assert library.openblas_get_num_threads() == 2
+        first, second = np.array(a @ w), np.array(a @ w)
+    assert library.openblas_get_num_threads() == 1
+    np.testing.assert_array_equal(first, second)
 
 
 @linux_only

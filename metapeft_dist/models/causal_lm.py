@@ -73,6 +73,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from metapeft_dist import blas
 from metapeft_dist.models.disk import building, cache_dir, save_atomic
 from metapeft_dist.models.gguf import stderr_progress  # the conversion's progress lines
 from metapeft_dist.models.lm_states import (
@@ -368,8 +369,10 @@ def _corpus_states(path: str, texts: tuple[str, ...], max_len: int, start: int,
             print(f"metapeft: running {len(texts)} prompts through the frozen layers below "
                   f"layer {start} of {Path(path).name} (once; cached in {file.parent})",
                   file=sys.stderr, flush=True)
-            hidden = corpus_states(_load(path, *lora)[0], prompts["inputs.ids"],
-                                   prompts["inputs.mask"], start, progress=stderr_progress())
+            with blas.threads(blas.CACHE_THREADS):
+                hidden = corpus_states(_load(path, *lora)[0], prompts["inputs.ids"],
+                                       prompts["inputs.mask"], start,
+                                       progress=stderr_progress())
             save_atomic(file, {**prompts, "inputs.hidden": hidden})
     return {**prompts, "inputs.hidden": hidden}
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from metapeft_dist import blas
 from metapeft_dist.models import bert
 from metapeft_dist.models.disk import building, cache_dir, save_atomic
 from metapeft_dist.tree import Params
@@ -34,7 +35,9 @@ from metapeft_dist.tree import Params
 # standard one included) logits of order one.
 LOGIT_SCALE = 10.0
 _BATCH = 64  # texts per forward pass when building the cache
-STATES_VERSION = 2  # 2: GELU through bert._erf (its last bits differ from mx.erf's)
+# 2: GELU through bert._erf (its last bits differ from mx.erf's); 3: built on
+# blas.CACHE_THREADS OpenBLAS threads
+STATES_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,16 @@ def _build_states(file: Path, path: str, texts: tuple[str, ...], max_len: int,
                   start: int) -> Params:
     """Run every text through the frozen layers below ``start`` and cache the states in
     ``file`` (the caller holds its build lock)."""
+    with blas.threads(blas.CACHE_THREADS):
+        out = _encode_corpus(path, texts, max_len, start, file)
+    save_atomic(file, out)
+    return out
+
+
+def _encode_corpus(path: str, texts: tuple[str, ...], max_len: int, start: int,
+                   file: Path) -> Params:
+    """The states of ``texts`` entering layer ``start`` (``file``: where they will be
+    cached, for the line that says so)."""
     config, params = _load(path)
     tokenizer = bert.Tokenizer(path)
     print(f"metapeft: encoding {len(texts)} texts through the frozen layers 0-{start - 1} of "
@@ -205,6 +218,4 @@ def _build_states(file: Path, path: str, texts: tuple[str, ...], max_len: int,
             states = bert.hidden_states(params, config, batch_ids, batch_mask, 0.0,
                                         stop_layer=start)
         hidden[rows, :cut] = np.array(states.astype(mx.float16))
-    out = {"inputs.hidden": mx.array(hidden), "inputs.mask": mx.array(mask)}
-    save_atomic(file, out)
-    return out
+    return {"inputs.hidden": mx.array(hidden), "inputs.mask": mx.array(mask)}

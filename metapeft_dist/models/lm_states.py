@@ -25,8 +25,9 @@ import numpy as np
 
 from metapeft_dist.tree import Params
 
-# Part of every corpus cache key: bump it when what the cached states mean changes.
-CACHE_VERSION = 1
+# Part of every corpus cache key: bump it when what the cached states mean changes (or
+# their bits: 2, built on blas.CACHE_THREADS OpenBLAS threads).
+CACHE_VERSION = 2
 _BATCH = 64  # prompts per forward pass when building the corpus states
 _FLOAT16_MAX = 65504.0
 # The files of a model directory the corpus states depend on (with model*.safetensors).
