@@ -75,23 +75,25 @@ def per_unit(fisher: dict[str, mx.array], names: Sequence[str]) -> np.ndarray:
     return np.concatenate(parts).astype(np.float64)
 
 
-def fisher_diagonal(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array
-                    ) -> dict[str, mx.array]:
-    """Diagonal Fisher information of the probe's base weights, labels drawn from the
-    model (exact expectation over the ``ways`` classes), averaged over the inputs."""
+def fisher_diagonal(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array,
+                    names: Sequence[str] | None = None) -> dict[str, mx.array]:
+    """Diagonal Fisher information of the probe's base weights (those in ``names``, the
+    others held fixed; all by default), labels drawn from the model (exact expectation
+    over the ``ways`` classes), averaged over the inputs."""
     w, b = head
     ways = w.shape[0]
     base = probe.base()
+    wrt = {k: base[k] for k in (base if names is None else names)}
 
-    def log_probs(base_weights, xi):
-        logits = probe.forward(base_weights, xi[None]) @ w.T + b
+    def log_probs(weights, xi):
+        logits = probe.forward({**base, **weights}, xi[None]) @ w.T + b
         return (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0]
 
     probs = mx.softmax(probe.forward(base, x) @ w.T + b, axis=-1)  # (n, ways)
-    total = {k: mx.zeros(v.shape, dtype=mx.float32) for k, v in base.items()}
+    total = {k: mx.zeros(v.shape, dtype=mx.float32) for k, v in wrt.items()}
     for c in range(ways):
         grads = mx.vmap(mx.grad(lambda p, xi, c=c: log_probs(p, xi)[c]),
-                        in_axes=(None, 0))(base, x)
+                        in_axes=(None, 0))(wrt, x)
         weight = probs[:, c]
         for k, g in grads.items():
             g = g.astype(mx.float32)
@@ -135,7 +137,7 @@ def fisher_per_unit(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array
             grams[k] = flat @ mx.swapaxes(flat, 1, 2)  # (n, P, P)
         else:
             taps[k] = out
-    others = {k: base[k] for k in base if k not in matrices and k not in taps}
+    others = [k for k in base if k not in matrices and k not in taps]
 
     def log_probs(weights, xs):
         logits = probe.forward(weights, xs) @ w.T + b
@@ -145,11 +147,11 @@ def fisher_per_unit(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array
         return log_probs({**base, **{k: base[k] + z for k, z in zeros.items()}}, x)[:, c].sum()
 
     total = {k: mx.zeros((base[k].shape[0],) if k in matrices else base[k].shape)
-             for k in base}
+             for k in base if k not in others}
     zeros = {k: mx.zeros(shape) for k, shape in taps.items()}
     for c in range(ways):
         weight = probs[:, c]
-        grads = mx.grad(class_log_prob)(zeros, c)
+        grads = mx.grad(class_log_prob)(zeros, c) if zeros else {}
         for k, g in grads.items():  # per position: sum over them, per example
             g = g.reshape(n, -1, g.shape[-1])
             total[k] = total[k] + (weight[:, None] * g.sum(axis=1) ** 2).sum(axis=0)
@@ -158,16 +160,11 @@ def fisher_per_unit(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array
             squares = (delta * (grams[k] @ delta)).sum(axis=1)  # (n, out)
             total[k] = total[k] + (weight[:, None] * squares).sum(axis=0) / (
                 base[k].size // base[k].shape[0])
-        if others:
-            def one(v, xi, c=c):
-                return log_probs({**base, **v}, xi[None])[0, c]
-
-            for k, g in mx.vmap(mx.grad(one), in_axes=(None, 0))(others, x).items():
-                g = g.astype(mx.float32)
-                total[k] = total[k] + (weight.reshape((-1,) + (1,) * (g.ndim - 1))
-                                       * g * g).sum(axis=0)
         mx.eval(total)
-    return per_unit({k: v / n for k, v in total.items()}, probe.base_names)
+    fisher = {k: v / n for k, v in total.items() if k not in others}
+    if others:
+        fisher.update(fisher_diagonal(probe, head, x, others))
+    return per_unit(fisher, probe.base_names)
 
 
 class Task2Vec:

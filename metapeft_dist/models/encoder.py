@@ -88,12 +88,11 @@ class EncoderModel:
         text, and the indices (0..n-1) that run them: the same logits up to float32
         rounding (padding is masked, so only the shapes, and so the kernels, differ) for
         less work. For eager use outside a transformation (the cut reads the data)."""
+        cut = max(int(self.lengths(params, x).max()), 1) if len(x) else 1
         rows = mx.array(np.asarray(x, dtype=np.int32))
-        mask = params["inputs.mask"][rows]
-        cut = max(int(mask.astype(mx.int32).sum(axis=1).max()), 1) if rows.size else 1
         narrowed = {**params, "inputs.hidden": params["inputs.hidden"][rows, :cut],
-                    "inputs.mask": mask[:, :cut]}
-        return narrowed, mx.arange(rows.size)
+                    "inputs.mask": params["inputs.mask"][rows, :cut]}
+        return narrowed, mx.arange(len(x))
 
     def export(self, params: Params, out_dir) -> Path:
         """Adapters and head as ``adapters.safetensors``, with ``adapter_config.json``
@@ -187,16 +186,6 @@ def _build_states(file: Path, path: str, texts: tuple[str, ...], max_len: int,
                   start: int) -> Params:
     """Run every text through the frozen layers below ``start`` and cache the states in
     ``file`` (the caller holds its build lock)."""
-    with blas.threads(blas.CACHE_THREADS):
-        out = _encode_corpus(path, texts, max_len, start, file)
-    save_atomic(file, out)
-    return out
-
-
-def _encode_corpus(path: str, texts: tuple[str, ...], max_len: int, start: int,
-                   file: Path) -> Params:
-    """The states of ``texts`` entering layer ``start`` (``file``: where they will be
-    cached, for the line that says so)."""
     config, params = _load(path)
     tokenizer = bert.Tokenizer(path)
     print(f"metapeft: encoding {len(texts)} texts through the frozen layers 0-{start - 1} of "
@@ -208,14 +197,17 @@ def _encode_corpus(path: str, texts: tuple[str, ...], max_len: int, start: int,
     lengths = mask.sum(axis=1)
     order = np.argsort(lengths, kind="stable")
     hidden = np.zeros((len(texts), max_len, config.hidden), dtype=np.float16)
-    for begin in range(0, len(texts), _BATCH):
-        rows = order[begin:begin + _BATCH]
-        cut = int(lengths[rows].max())
-        batch_ids, batch_mask = mx.array(ids[rows, :cut]), mx.array(mask[rows, :cut])
-        if start == 0:
-            states = bert.embed(params, config, batch_ids)
-        else:
-            states = bert.hidden_states(params, config, batch_ids, batch_mask, 0.0,
-                                        stop_layer=start)
-        hidden[rows, :cut] = np.array(states.astype(mx.float16))
-    return {"inputs.hidden": mx.array(hidden), "inputs.mask": mx.array(mask)}
+    with blas.threads(blas.CACHE_THREADS):
+        for begin in range(0, len(texts), _BATCH):
+            rows = order[begin:begin + _BATCH]
+            cut = int(lengths[rows].max())
+            batch_ids, batch_mask = mx.array(ids[rows, :cut]), mx.array(mask[rows, :cut])
+            if start == 0:
+                states = bert.embed(params, config, batch_ids)
+            else:
+                states = bert.hidden_states(params, config, batch_ids, batch_mask, 0.0,
+                                            stop_layer=start)
+            hidden[rows, :cut] = np.array(states.astype(mx.float16))
+    out = {"inputs.hidden": mx.array(hidden), "inputs.mask": mx.array(mask)}
+    save_atomic(file, out)
+    return out

@@ -72,7 +72,7 @@ def test_probe_features_are_the_base_output():
     assert probe.base_names == ("hidden0.b", "hidden0.w")
 
 
-def test_fisher_matches_per_example_gradients():
+def test_fisher_matches_per_example_gradients(monkeypatch):
     """The vmapped exact-expectation Fisher against a loop over examples and classes."""
     probe, _ = _toy_probe()
     x = mx.array(np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32))
@@ -97,6 +97,12 @@ def test_fisher_matches_per_example_gradients():
                                rtol=1e-4, atol=1e-9)
     # What Task2Vec computes, from per-position output gradients and the inputs' Gram
     # matrices: the same per-unit sums in another order (float32 rounding apart).
+    np.testing.assert_allclose(task2vec.fisher_per_unit(probe, head, x), vector,
+                               rtol=1e-4, atol=1e-9)
+    # A model whose layers record nothing: every weight by per-example gradients.
+    from metapeft_dist.models import lora
+
+    monkeypatch.setattr(lora, "record_input", lambda *args: None)
     np.testing.assert_allclose(task2vec.fisher_per_unit(probe, head, x), vector,
                                rtol=1e-4, atol=1e-9)
 
