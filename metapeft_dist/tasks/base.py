@@ -85,6 +85,10 @@ class TaskFamily(Protocol):
 
 def sample_batch(family: TaskFamily, seed: int, split: str, iteration: int,
                  indices: Sequence[int], shots: int, query: int) -> Episode:
-    """The tasks ``(seed, split, iteration, i)`` for i in ``indices``, stacked."""
+    """The tasks ``(seed, split, iteration, i)`` for i in ``indices``, stacked (by the
+    family's ``sample_many`` where it has one: the same arrays, drawn together)."""
+    if hasattr(family, "sample_many"):
+        return family.sample_many([TaskKey(seed, split, iteration, i) for i in indices],
+                                  shots, query)
     return stack([family.sample(TaskKey(seed, split, iteration, i), shots, query)
                   for i in indices])

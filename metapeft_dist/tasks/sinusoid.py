@@ -3,9 +3,18 @@
 A task is y = A sin(x - phase) with A ~ U[0.1, 5], phase ~ U[0, pi]; inputs x ~ U[-5, 5].
 The family is continuous, so the splits share one distribution and are kept apart by
 their sampling streams (the split is part of every task key).
+
+A task takes ``2 + n`` uniform doubles from its generator, in order: the amplitude, the
+phase, the n inputs; ``low + (high - low) * u`` of each is exactly what
+``Generator.uniform`` computes from the same double. A batch of tasks (``sample_many``)
+does that arithmetic once for all of them: its generators are built per task, as the
+keys require, and the rest is vectorized. The bits are those of one ``uniform`` call per
+draw (tests/tasks/test_tasks.py holds the batch to that form).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -17,6 +26,20 @@ PHASE = (0.0, np.pi)
 X_RANGE = (-5.0, 5.0)
 
 
+def _scaled(u: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    low, high = bounds
+    return low + (high - low) * u
+
+
+def from_uniforms(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tasks from their uniform doubles ``u`` (tasks, 2 + n): inputs and targets as
+    float32 (tasks, n, 1), amplitudes and phases as float64 (tasks,)."""
+    amplitude, phase = _scaled(u[:, 0], AMPLITUDE), _scaled(u[:, 1], PHASE)
+    x = _scaled(u[:, 2:, None], X_RANGE)
+    y = amplitude[:, None, None] * np.sin(x - phase[:, None, None])
+    return x.astype(np.float32), y.astype(np.float32), amplitude, phase
+
+
 class Sinusoid:
     info = FAMILIES["sinusoid"]
     ways = None
@@ -25,15 +48,18 @@ class Sinusoid:
 
     @staticmethod
     def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-        amplitude = rng.uniform(*AMPLITUDE)
-        phase = rng.uniform(*PHASE)
-        x = rng.uniform(*X_RANGE, size=(n, 1))
-        y = amplitude * np.sin(x - phase)
-        return x.astype(np.float32), y.astype(np.float32), amplitude, phase
+        x, y, amplitude, phase = from_uniforms(rng.random((1, 2 + n)))
+        return x[0], y[0], float(amplitude[0]), float(phase[0])
 
     def sample(self, key: TaskKey, shots: int, query: int) -> Episode:
-        x, y, _, _ = self.draw(key.rng(), shots + query)
-        return Episode(x[:shots], y[:shots], x[shots:], y[shots:])
+        episode = self.sample_many([key], shots, query)
+        return Episode(*(part[0] for part in episode.arrays()))
+
+    def sample_many(self, keys: Sequence[TaskKey], shots: int, query: int) -> Episode:
+        """The tasks of ``keys``, stacked: the same arrays as ``sample`` of each."""
+        u = np.stack([key.rng().random(2 + shots + query) for key in keys])
+        x, y, _, _ = from_uniforms(u)
+        return Episode(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
 
     def pretrain_batch(self, rng: np.random.Generator, size: int):
         x, y, _, _ = self.draw(rng, size)

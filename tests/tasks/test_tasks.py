@@ -86,6 +86,29 @@ def test_sinusoid_law():
     assert np.abs(ep.query_x).max() <= 5.0 and np.abs(ep.query_y).max() <= 5.0
 
 
+def test_sinusoid_batch_has_the_bits_of_one_uniform_call_per_draw():
+    """sample_many draws a batch at once; each task must be what its own generator's
+    uniform calls give (the form the family had before, and any single task has)."""
+    def reference(key, shots, query):
+        rng = key.rng()
+        amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi)
+        x = rng.uniform(-5.0, 5.0, size=(shots + query, 1))
+        y = (amplitude * np.sin(x - phase)).astype(np.float32)
+        x = x.astype(np.float32)
+        return x[:shots], y[:shots], x[shots:], y[shots:]
+
+    batch = sample_batch(FAMS["sinusoid"], 7, "val", 123, [0, 5, 24], 10, 15)
+    for row, index in enumerate([0, 5, 24]):
+        expected = reference(TaskKey(7, "val", 123, index), 10, 15)
+        for got, want in zip(batch.arrays(), expected, strict=True):
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got[row], want)
+    x, y, amplitude, phase = Sinusoid.draw(np.random.default_rng(4), 30)
+    rng = np.random.default_rng(4)
+    assert (amplitude, phase) == (rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi))
+    np.testing.assert_array_equal(x, rng.uniform(-5.0, 5.0, size=(30, 1)).astype(np.float32))
+
+
 def test_gaussian_classes_differ_only_in_the_first_two_coordinates():
     rng = np.random.default_rng(1)
     for _ in range(20):
