@@ -27,16 +27,33 @@ def rotations(digit: int) -> tuple[int, ...]:
     return ROTATIONS[:2] if digit in HALF_TURN_SYMMETRIC else ROTATIONS
 
 
+def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) float64 in 0..16, digits (1797,)): scikit-learn's bundled
+    copy, read as ``sklearn.datasets.load_digits`` reads it but without importing
+    scikit-learn, which takes a second or more (a Ray worker builds this family as it
+    starts)."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    found = importlib.util.find_spec("sklearn")  # finds the package; runs none of it
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError("the digits family reads scikit-learn's bundled digits: "
+                                  "pip install scikit-learn")
+    path = Path(found.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 @lru_cache(maxsize=1)
 def load_classes() -> dict[tuple[int, int], np.ndarray]:
     """{(digit, quarter_turns): images (n, 8, 8, 1) float32}, from sklearn's bundled copy."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = (data.images / 16.0).astype(np.float32)
+    pixels, target = bundled_digits()
+    images = (pixels / 16.0).astype(np.float32)
     classes = {}
     for digit in range(10):
-        base = images[data.target == digit]
+        base = images[target == digit]
         for turns in rotations(digit):
             rotated = np.rot90(base, k=turns, axes=(1, 2))
             classes[(digit, turns)] = np.ascontiguousarray(rotated[..., None])

@@ -29,6 +29,26 @@ def test_digits_catalog_matches_the_data():
     assert all_images.min() == 0.0 and all_images.max() == 1.0
 
 
+def test_bundled_digits_are_sklearns_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from metapeft_dist.tasks.digits import bundled_digits
+
+    images, target = bundled_digits()
+    data = load_digits()
+    np.testing.assert_array_equal(images, data.images)
+    np.testing.assert_array_equal(target, data.target)
+    # a worker building the family does not pay for importing scikit-learn
+    code = ("import sys; from metapeft_dist.tasks.digits import load_classes; "
+            "load_classes(); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_digit_splits_are_disjoint_by_digit():
     digits = [set(SPLIT_DIGITS[s]) for s in ("train", "val", "test")]
     assert not (digits[0] & digits[1] or digits[0] & digits[2] or digits[1] & digits[2])
