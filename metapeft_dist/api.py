@@ -37,22 +37,25 @@ def validate(spec_path: str | Path, overrides: Sequence[str] = ()) -> list[str]:
 
 def run(spec: str | Path | JobSpec, run_dir: str | Path | None = None,
         overrides: Sequence[str] = (), on_progress=None, address: str | None = None,
-        log=None) -> dict[str, Any]:
+        log=None, invoked: float | None = None) -> dict[str, Any]:
     """Meta-train and evaluate a job; returns the results (also written to
     ``run_dir/results.json``).
 
     ``runtime.mode`` sync / async run on Ray: the cluster at ``address``, or, without
     one, an embedded local Ray started for the job. ``local`` runs in this process.
+    ``invoked``: when the command running the job started (``time.time()``; the CLI
+    passes its own start): the run's startup timing counts from it.
     """
     from metapeft_dist.runner import default_run_dir, run_job
 
     job_spec = load(spec, overrides)
     directory = Path(run_dir) if run_dir is not None else default_run_dir(job_spec)
-    return run_job(job_spec, directory, address=address, **_callbacks(on_progress, log))
+    return run_job(job_spec, directory, address=address, invoked=invoked,
+                   **_callbacks(on_progress, log))
 
 
 def resume(run_dir: str | Path, address: str | None = None, on_progress=None,
-           log=None) -> dict[str, Any]:
+           log=None, invoked: float | None = None) -> dict[str, Any]:
     """Continue a killed run from its newest good checkpoint (a corrupt newer one is
     reported through ``log`` and skipped), then evaluate as ``run`` does."""
     from metapeft_dist.runner import find_resume_point, run_job
@@ -60,7 +63,8 @@ def resume(run_dir: str | Path, address: str | None = None, on_progress=None,
     callbacks = _callbacks(on_progress, log)
     directory = Path(run_dir)
     spec, checkpoint = find_resume_point(directory, callbacks.get("log", lambda m: None))
-    return run_job(spec, directory, address=address, resume=checkpoint, **callbacks)
+    return run_job(spec, directory, address=address, resume=checkpoint, invoked=invoked,
+                   **callbacks)
 
 
 def report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:

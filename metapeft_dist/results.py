@@ -80,10 +80,13 @@ def timing_line(timing: dict[str, Any]) -> str:
     startup = timing.get("startup") or {}
     if startup.get("first_task") is not None:
         steps = ", ".join(f"{label} at {startup[key]:.1f} s"
-                          for key, label in (("job_built", "job built"), ("ray", "Ray up"),
+                          for key, label in (("run_started", "run started"),
+                                             ("job_built", "job built"), ("ray", "Ray up"),
                                              ("workers", "workers answering"))
                           if key in startup)
-        line += f"; first task done {startup['first_task']:.1f} s in ({steps})"
+        since = ("after the command started" if timing.get("startup_from") == "command"
+                 else "in")
+        line += f"; first task done {startup['first_task']:.1f} s {since} ({steps})"
     return line
 
 

@@ -75,9 +75,10 @@ class RunDirError(RuntimeError):
 
 def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
                   log: Callable[[str], None], metrics: JobMetrics | None = None,
-                  spend: SpendMeter | None = None) -> Executor:
+                  spend: SpendMeter | None = None, connecting: Any = None) -> Executor:
     """The executor of ``job``'s runtime mode; it records on ``metrics`` and holds its
-    nodes on ``spend`` (the cost meter)."""
+    nodes on ``spend`` (the cost meter). ``connecting``: on the Ray runtime, the
+    cluster being joined already (a runtime.connection.Connecting)."""
     if job.spec.runtime.mode == "local":
         if resume is None:
             return MetaTrainer(job, metrics=metrics, spend=spend)
@@ -86,7 +87,7 @@ def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
     from metapeft_dist.runtime.driver import RayExecutor
 
     return RayExecutor(job, address, resume.path if resume else None,
-                       resume.iteration if resume else 0, log, metrics, spend)
+                       resume.iteration if resume else 0, log, metrics, spend, connecting)
 
 
 def keep_task_files(spec: JobSpec, files: dict[str, bytes], run_dir: Path) -> JobSpec:
@@ -115,8 +116,10 @@ def find_resume_point(run_dir: Path, log: Callable[[str], None]) -> tuple[JobSpe
 
 def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
             address: str | None = None, resume: Checkpoint | None = None,
-            log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Meta-train (from ``resume`` if given), evaluate, write results.json."""
+            log: Callable[[str], None] = lambda message: None,
+            invoked: float | None = None) -> dict[str, Any]:
+    """Meta-train (from ``resume`` if given), evaluate, write results.json. ``invoked``:
+    when the command running it started (its startup timing counts from there)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} is a file")
     if resume is None and (run_dir / "checkpoints").is_dir() and any(
@@ -124,10 +127,22 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                           "or choose another --run-dir")
     started = time.time()
-    # A resumed run keeps the frozen base its meta-parameters were trained on (the
-    # checkpoint's) instead of pretraining it again, and its meta-parameters come from the
-    # checkpoint, so it no longer needs the run algorithm.hyper.init named.
-    job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen}, 0))
+    # On the Ray runtime the cluster is joined (the embedded Ray started) while the job
+    # builds here.
+    connecting = None
+    if spec.runtime.mode != "local":
+        from metapeft_dist.runtime.connection import Connecting
+
+        connecting = Connecting(address, spec.runtime.workers)
+    try:
+        # A resumed run keeps the frozen base its meta-parameters were trained on (the
+        # checkpoint's) instead of pretraining it again, and its meta-parameters come
+        # from the checkpoint, so it no longer needs the run algorithm.hyper.init named.
+        job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen}, 0))
+    except BaseException:
+        if connecting is not None:
+            connecting.abandon()
+        raise
     built = time.time()
     spend = SpendMeter(spec.cost.node_table(), spec.cost.energy_usd_per_kwh)
     if resume is not None:
@@ -139,7 +154,12 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
     totals: dict[str, Any] = {}
     try:
         # nothing is written to the run directory before the executor is up
-        executor = make_executor(job, address, resume, log, metrics, spend)
+        try:
+            executor = make_executor(job, address, resume, log, metrics, spend, connecting)
+        except BaseException:
+            if connecting is not None:
+                connecting.abandon()
+            raise
         try:
             if spec.metrics.enabled:
                 server = MetricsServer(metrics.registry, spec.metrics.address,
@@ -184,7 +204,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
             "runtime": runtime, "meta_training": training, "evaluation": evaluation,
             "cost": cost, "outcome": outcome,
         }
-        results["timing"] = timing(results, started, milestones)
+        results["timing"] = timing(results, started, milestones, invoked)
         write_json_atomic(run_dir / "results.json", results)
     except BaseException as err:
         outcome = job_outcome(ended_by(err), started, totals, f"{type(err).__name__}: {err}")
@@ -195,22 +215,26 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
     return results
 
 
-def timing(results: dict[str, Any], started: float,
-           milestones: dict[str, float]) -> dict[str, Any]:
+def timing(results: dict[str, Any], started: float, milestones: dict[str, float],
+           invoked: float | None = None) -> dict[str, Any]:
     """Where the job's seconds went: meta-training's steps, the time it waited for
     meta-validation (on the workers it runs beside the steps), the final evaluation,
     and the whole job (setup, checkpoints and cost timing the rest); a resumed run's
-    meta-training counts its sessions before. ``startup``: seconds from
-    the job's start (``started``) to each of ``milestones`` (the job built in this
+    meta-training counts its sessions before. ``startup``: seconds from the command's
+    start (``invoked``; then the job's own start, ``started``, is the first milestone),
+    else from the job's start, to each of ``milestones`` (the job built in this
     process; on the Ray runtime, Ray and the workers answering), then to the first task
-    completed (the runtime's throughput record)."""
+    completed (the runtime's throughput record); ``startup_from`` says which."""
     training = results["meta_training"]
     first = results["runtime"].get("throughput", {}).get("first")
-    milestones = {**milestones, "first_task": first}
+    origin = started if invoked is None else invoked
+    milestones = {**({} if invoked is None else {"run_started": started}), **milestones,
+                  "first_task": first}
     return {"meta_training": training["seconds"],
             "validation": training.get("validation_seconds"),
             "evaluation": results["evaluation"]["seconds"], "job": results["seconds"],
-            "startup": {k: t - started for k, t in milestones.items() if t is not None}}
+            "startup": {k: t - origin for k, t in milestones.items() if t is not None},
+            "startup_from": "run" if invoked is None else "command"}
 
 
 def open_run_dir(spec: JobSpec, job: Job, run_dir: Path, resume: Checkpoint | None,

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from metapeft_dist.config import from_dict, parse_spec
-from metapeft_dist.results import format_table
+from metapeft_dist.results import format_table, timing_line
 from metapeft_dist.runner import run_job
+from metapeft_dist.runner import timing as job_timing
 from metapeft_dist.runtime.checkpoint import list_checkpoints, load_checkpoint
 
 
@@ -71,11 +72,14 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
         f"first task done {startup['first_task']:.1f} s in (job built at "
         f"{startup['job_built']:.1f} s, Ray up at {startup['ray']:.1f} s, workers answering "
         f"at {startup['workers']:.1f} s)"]
-    # the job is built, Ray answers (the test's, already up), the workers answer, then
-    # the first task is done, all within the job; the milestones leave the runtime section
+    # the job is built while Ray is joined (the test's, already up), then the workers
+    # answer, then the first task is done, all within the job; the milestones leave the
+    # runtime section
     startup = timing["startup"]
-    assert 0 < startup["job_built"] <= startup["ray"] < startup["workers"]
+    assert 0 < startup["job_built"] < startup["workers"]
+    assert 0 < startup["ray"] < startup["workers"]
     assert startup["workers"] <= startup["first_task"] < timing["job"]
+    assert timing["startup_from"] == "run"
     assert "started" not in results["runtime"]
     # a run on a cluster where some workers' nodes lacked what the job needs says so
     failed = {**results, "runtime": {**results["runtime"], "workers": 4,
@@ -192,3 +196,25 @@ metrics: {{enabled: false}}
     a = load_checkpoint(whole["meta_training"]["checkpoint"]).meta["params"]
     b = load_checkpoint(resumed["meta_training"]["checkpoint"]).meta["params"]
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def test_startup_counts_from_the_command_when_one_ran_the_job():
+    """The CLI passes its start (``invoked``): the startup milestones count from it, the
+    job's own start first among them; without it they count from the job's start."""
+    results = {"meta_training": {"seconds": 2.0, "validation_seconds": 0.0},
+               "runtime": {"throughput": {"first": 104.0}}, "evaluation": {"seconds": 1.0},
+               "seconds": 6.0}
+    milestones = {"job_built": 101.0, "ray": 102.5, "workers": 103.5}
+    by_command = job_timing(results, 100.0, milestones, invoked=99.5)
+    assert by_command["startup_from"] == "command"
+    assert by_command["startup"] == {"run_started": 0.5, "job_built": 1.5, "ray": 3.0,
+                                     "workers": 4.0, "first_task": 4.5}
+    assert timing_line(by_command).endswith(
+        "; first task done 4.5 s after the command started (run started at 0.5 s, job "
+        "built at 1.5 s, Ray up at 3.0 s, workers answering at 4.0 s)")
+    by_run = job_timing(results, 100.0, milestones)
+    assert by_run["startup_from"] == "run"
+    assert by_run["startup"] == {"job_built": 1.0, "ray": 2.5, "workers": 3.5,
+                                 "first_task": 4.0}
+    assert timing_line(by_run).endswith("; first task done 4.0 s in (job built at 1.0 s, "
+                                        "Ray up at 2.5 s, workers answering at 3.5 s)")

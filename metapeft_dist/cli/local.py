@@ -81,6 +81,7 @@ class _ProgressPrinter:
 def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: str | None,
         overrides: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Meta-train and evaluate the job in SPEC (on Ray unless runtime.mode is local)."""
+    import metapeft_dist
     from metapeft_dist import api
 
     if (spec is None) == (resume_dir is None):
@@ -95,8 +96,7 @@ def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: 
             fail_usage(str(err))
     from metapeft_dist.results import format_table
     from metapeft_dist.runner import RunDirError
-    from metapeft_dist.runtime.connection import ClusterError
-    from metapeft_dist.runtime.dispatch import StallError
+    from metapeft_dist.runtime.errors import ClusterError, StallError
 
     progress = _ProgressPrinter(quiet or as_json)
 
@@ -108,10 +108,11 @@ def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: 
     signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         if resume_dir is not None:
-            results = api.resume(resume_dir, address, on_progress=progress, log=log)
+            results = api.resume(resume_dir, address, on_progress=progress, log=log,
+                                 invoked=metapeft_dist.IMPORTED_AT)
         else:
             results = api.run(job_spec, run_dir, address=address, on_progress=progress,
-                              log=log)
+                              log=log, invoked=metapeft_dist.IMPORTED_AT)
     except (RunDirError, ClusterError, ConfigError) as err:
         fail_usage(str(err))
     except StallError as err:
@@ -325,8 +326,7 @@ def evaluate(run_dir: str, family: str | None, data: str | None, address: str | 
     from metapeft_dist import api
     from metapeft_dist.rundir import AdaptError
     from metapeft_dist.results import format_table
-    from metapeft_dist.runtime.connection import ClusterError
-    from metapeft_dist.runtime.dispatch import StallError
+    from metapeft_dist.runtime.errors import ClusterError, StallError
 
     try:
         results = api.evaluate(run_dir, family, data, overrides,

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 
 import ray
+
+from metapeft_dist.runtime.errors import ClusterError
 
 # Results up to this size travel inline with the task reply instead of through the
 # shared-memory object store; a chunk's LoRA gradient (~120 KB) is just over Ray's 100 KB
 # default, and inlining it halves the idle gap between a worker's chunks here. Set for
 # the embedded Ray; a cluster sets it with `ray start --system-config` (cluster/).
 INLINE_RESULT_BYTES = 1 << 20
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot run this job (unreachable, no `mlx` workers, or none of
-    them could build the job)."""
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -63,3 +64,73 @@ def connect(address: str | None, workers: int | None) -> bool:
              include_dashboard=False, logging_level="WARNING", log_to_driver=True,
              _system_config={"max_direct_call_object_size": INLINE_RESULT_BYTES})
     return True
+
+
+class _MainThreadNote(logging.Filter):
+    """Drops ray.init's note that it set no SIGTERM handler off the main thread:
+    :meth:`Connecting.result` sets the same handler there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+class Connecting:
+    """:func:`connect` on a thread, so the driver builds its job meanwhile instead of
+    after (the embedded Ray takes seconds to start). :meth:`result` waits for it and
+    sets, on the calling (main) thread, the SIGTERM handler ray.init sets only there:
+    exit with the signal's number, which `metapeft stop` relies on (runner.ended_by).
+
+    The thread that joined stays (parked) until :meth:`release`: the processes of an
+    embedded Ray are started with Linux's parent-death signal, which fires when the
+    *thread* that started them ends, so they would die with it."""
+
+    def __init__(self, address: str | None, workers: int | None):
+        self.finished: float | None = None  # when the cluster was joined (time.time())
+        self._embedded: bool | None = None
+        self._initialized = False  # whether this call ran ray.init
+        self._error: BaseException | None = None
+        self._joined = threading.Event()
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(address, workers),
+                                        name="ray-connect", daemon=True)
+        self._thread.start()
+
+    def _run(self, address: str | None, workers: int | None) -> None:
+        note = _MainThreadNote()
+        logger = logging.getLogger("ray._private.worker")
+        logger.addFilter(note)
+        try:
+            self._initialized = not ray.is_initialized()
+            self._embedded = connect(address, workers)
+        except BaseException as err:  # raised on the main thread by result()
+            self._error = err
+        finally:
+            logger.removeFilter(note)
+            self.finished = time.time()
+            self._joined.set()
+        if self._error is None:
+            self._released.wait()
+
+    def result(self) -> bool:
+        """True when this started Ray (and must stop it), as :func:`connect`."""
+        self._joined.wait()
+        if self._error is not None:
+            raise self._error
+        if self._initialized and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        return bool(self._embedded)
+
+    def release(self) -> None:
+        """The job is done with Ray (the Ray this started is shut down): the thread may
+        end."""
+        self._released.set()
+
+    def abandon(self) -> None:
+        """The job will not run (building it failed): stop the Ray this started."""
+        try:
+            embedded = self.result()
+        except BaseException:
+            return
+        if embedded:
+            ray.shutdown()
+        self.release()

@@ -22,6 +22,7 @@ from metapeft_dist.config import JobSpec
 from metapeft_dist.cost import SpendMeter
 from metapeft_dist.metrics import JobMetrics
 from metapeft_dist.throughput import Throughput
+from metapeft_dist.runtime.errors import StallError
 from metapeft_dist.runtime.pool import LOST, WorkerPool
 
 WAIT_SECONDS = 0.5
@@ -41,10 +42,6 @@ class Work(Protocol):
 
     def lost(self, handle: Any | None, key: Any) -> None:
         ...
-
-
-class StallError(RuntimeError):
-    """No task result arrived for ``runtime.stall_timeout`` seconds."""
 
 
 class LostTooOften(StallError):

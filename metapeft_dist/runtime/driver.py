@@ -34,7 +34,7 @@ from metapeft_dist.cost import SpendMeter
 from metapeft_dist.evaluate import Progress, evaluate_job, no_progress
 from metapeft_dist.job import Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
-from metapeft_dist.runtime.connection import connect
+from metapeft_dist.runtime.connection import Connecting, connect
 from metapeft_dist.runtime.dispatch import Dispatcher
 from metapeft_dist.runtime.evaluation import RayScorer
 from metapeft_dist.runtime.param_server import ParameterServer
@@ -47,22 +47,33 @@ from metapeft_dist.wire import TreeSpec, decode, encode
 class RayExecutor:
     def __init__(self, job: Job, address: str | None = None, resume_path: str | None = None,
                  start_iteration: int = 0, log: Callable[[str], None] = lambda m: None,
-                 metrics: JobMetrics | None = None, spend: SpendMeter | None = None):
+                 metrics: JobMetrics | None = None, spend: SpendMeter | None = None,
+                 connecting: Connecting | None = None):
+        """``connecting``: the cluster being joined already (runner.run_job starts that
+        before it builds the job), else this joins it."""
         self.job = job
         self.spec = job.spec
         self.runtime = job.spec.runtime
         self.metrics = metrics if metrics is not None else NoMetrics()
         self.spend = spend if spend is not None else SpendMeter({})
-        self.embedded = connect(address, self.runtime.workers)
-        self.started = {"ray": time.time()}  # startup milestones (results.json timing)
+        self.connecting = connecting
+        if connecting is None:
+            self.embedded = connect(address, self.runtime.workers)
+            self.started = {"ray": time.time()}  # startup milestones (results.json timing)
+        else:
+            self.embedded = connecting.result()
+            self.started = {"ray": connecting.finished}
         self.tree_spec = TreeSpec.of(job.initial_meta)
         a, chunk = self.spec.algorithm, self.runtime.chunk
         chunks = [(s, min(chunk, a.meta_batch - s)) for s in range(0, a.meta_batch, chunk)]
         self.ps, ps_name = self._start_parameter_server(
             job, resume_path, a.iterations * (1 if self.runtime.mode == "sync" else len(chunks)))
-        version = ray.get(self.ps.get_version.remote())
         self.pool = WorkerPool(self.spec, ps_name, self.metrics, self.spend, log)
-        self.pool.start()
+        # The workers start (a process each, importing MLX) while the parameter server
+        # does; they wait for it to hand them the job's frozen base and files.
+        self.pool.launch()
+        version = ray.get(self.ps.get_version.remote())
+        self.pool.wait_started()
         self.started["workers"] = time.time()
         self.dispatcher = Dispatcher(self.spec, self.pool, self.ps, version, self.metrics,
                                      self.spend, log)
@@ -145,6 +156,8 @@ class RayExecutor:
         ray.kill(self.ps, no_restart=True)
         if self.embedded:
             ray.shutdown()
+        if self.connecting is not None:
+            self.connecting.release()
 
 
 @contextmanager

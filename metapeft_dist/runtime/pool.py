@@ -116,16 +116,19 @@ class WorkerPool:
         self.kinds: dict[str, int] = {}  # machine kind (blas.machine_kind) -> chunks done
         self._next_scale_check = time.monotonic() + SCALE_CHECK_SECONDS
 
-    def start(self) -> None:
-        """Start the workers and wait (at most START_SECONDS) for them to answer, so the
-        work is spread from the first iteration rather than all going to whichever
-        imported MLX first on a loaded machine; a slower worker still joins later."""
+    def launch(self) -> None:
+        """Start the workers (one per `mlx` resource, or ``runtime.workers``)."""
         wanted = self.runtime.workers or self._mlx_capacity()
         if wanted < 1:
             raise ClusterError("the Ray cluster declares no `mlx` resource: start each node "
                                "with ray start --resources='{\"mlx\": 1}'")
         for _ in range(wanted):
             self._add()
+
+    def wait_started(self) -> None:
+        """Wait (at most START_SECONDS) for the workers launched to answer, so the work
+        is spread from the first iteration rather than all going to whichever imported
+        MLX first on a loaded machine; a slower worker still joins later."""
         ray.wait(list(self.pings), num_returns=len(self.pings),
                  timeout=min(START_SECONDS, self.runtime.stall_timeout))
 
