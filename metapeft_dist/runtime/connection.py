@@ -10,8 +10,6 @@ import sys
 import threading
 import time
 
-import ray
-
 from metapeft_dist.runtime.errors import ClusterError
 
 # Results up to this size travel inline with the task reply instead of through the
@@ -47,6 +45,8 @@ def connect(address: str | None, workers: int | None) -> bool:
 
     An already initialized Ray (a test's cluster, a notebook) is used as it is.
     """
+    import ray  # here, not above: Connecting imports it on its thread
+
     if ray.is_initialized():
         return False
     if address:
@@ -100,6 +100,8 @@ class Connecting:
         logger = logging.getLogger("ray._private.worker")
         logger.addFilter(note)
         try:
+            import ray
+
             self._initialized = not ray.is_initialized()
             self._embedded = connect(address, workers)
         except BaseException as err:  # raised on the main thread by result()
@@ -132,5 +134,7 @@ class Connecting:
         except BaseException:
             return
         if embedded:
+            import ray
+
             ray.shutdown()
         self.release()
