@@ -34,6 +34,38 @@ def task_rng(seed: int, split: str, iteration: int, index: int) -> np.random.Gen
     return np.random.default_rng([seed, SPLIT_IDS[split], iteration, index])
 
 
+# SplitMix64 (Steele, Lea and Flood 2014): a Weyl step and its output mix
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, element-wise on uint64 (multiplication wraps mod 2^64)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def keyed_uniforms(seed: int, split: str, iteration: int, indices: Sequence[int],
+                   count: int) -> np.ndarray:
+    """(len(indices), count) float64 in [0, 1): the first ``count`` draws of each task
+    ``(seed, split, iteration, i)``. A counter-based stream: draw j of a task is SplitMix64's
+    output for the task's key hashed from those four numbers and j, so a task's draws
+    are made on their own or with any others (the same bits), any prefix is the same
+    whatever ``count`` is, and a batch takes a few vectorized numpy passes instead of a
+    generator per task. Integer arithmetic only: the same bits on every machine."""
+    if min(seed, iteration, *indices) < 0:
+        raise ValueError(f"task key parts must be >= 0, got {(seed, iteration, min(indices))}")
+    with np.errstate(over="ignore"):
+        key = _mix(np.uint64(seed) + _GAMMA)
+        for part in (SPLIT_IDS[split], iteration):
+            key = _mix(key ^ (np.uint64(part) + _GAMMA))
+        keys = _mix(key ^ (np.asarray(indices, dtype=np.uint64) + _GAMMA))
+        steps = _GAMMA * np.arange(1, count + 1, dtype=np.uint64)
+        bits = _mix(keys[:, None] + steps[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def distinct(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
     """``n`` distinct items of ``pool``: the first ``n`` of a random permutation. A task's
     first items (its support set) are the same however many are drawn, so evaluating

@@ -4,12 +4,10 @@ A task is y = A sin(x - phase) with A ~ U[0.1, 5], phase ~ U[0, pi]; inputs x ~ 
 The family is continuous, so the splits share one distribution and are kept apart by
 their sampling streams (the split is part of every task key).
 
-A task takes ``2 + n`` uniform doubles from its generator, in order: the amplitude, the
-phase, the n inputs; ``low + (high - low) * u`` of each is exactly what
-``Generator.uniform`` computes from the same double. A batch of tasks (``sample_many``)
-does that arithmetic once for all of them: its generators are built per task, as the
-keys require, and the rest is vectorized. The bits are those of one ``uniform`` call per
-draw (tests/tasks/test_tasks.py holds the batch to that form).
+A task takes ``2 + n`` uniform draws from its key's counter-based stream
+(tasks/base.py ``keyed_uniforms``), in order: the amplitude, the phase, the n inputs,
+each ``low + (high - low) * u``. A batch of tasks (``sample_many``) is drawn in one
+vectorized pass, the same bits as each task drawn alone.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from metapeft_dist.tasks.base import Episode, TaskKey
+from metapeft_dist.tasks.base import Episode, TaskKey, keyed_uniforms
 from metapeft_dist.tasks.catalog import FAMILIES
 
 AMPLITUDE = (0.1, 5.0)
@@ -57,7 +55,13 @@ class Sinusoid:
 
     def sample_many(self, keys: Sequence[TaskKey], shots: int, query: int) -> Episode:
         """The tasks of ``keys``, stacked: the same arrays as ``sample`` of each."""
-        u = np.stack([key.rng().random(2 + shots + query) for key in keys])
+        if len({(k.seed, k.split, k.iteration) for k in keys}) == 1:
+            first = keys[0]
+            u = keyed_uniforms(first.seed, first.split, first.iteration,
+                               [k.index for k in keys], 2 + shots + query)
+        else:
+            u = np.concatenate([keyed_uniforms(k.seed, k.split, k.iteration, [k.index],
+                                               2 + shots + query) for k in keys])
         x, y, _, _ = from_uniforms(u)
         return Episode(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
 

@@ -8,7 +8,7 @@ import pytest
 
 from metapeft_dist.config import FamilySpec
 from metapeft_dist.tasks import make_family
-from metapeft_dist.tasks.base import TaskKey, sample_batch
+from metapeft_dist.tasks.base import TaskKey, keyed_uniforms, sample_batch
 from metapeft_dist.tasks.catalog import FAMILIES
 from metapeft_dist.tasks.digits import SPLIT_DIGITS, load_classes, shift, split_classes
 from metapeft_dist.tasks.gaussian import Gaussian
@@ -106,27 +106,42 @@ def test_sinusoid_law():
     assert np.abs(ep.query_x).max() <= 5.0 and np.abs(ep.query_y).max() <= 5.0
 
 
-def test_sinusoid_batch_has_the_bits_of_one_uniform_call_per_draw():
-    """sample_many draws a batch at once; each task must be what its own generator's
-    uniform calls give (the form the family had before, and any single task has)."""
-    def reference(key, shots, query):
-        rng = key.rng()
-        amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi)
-        x = rng.uniform(-5.0, 5.0, size=(shots + query, 1))
-        y = (amplitude * np.sin(x - phase)).astype(np.float32)
-        x = x.astype(np.float32)
-        return x[:shots], y[:shots], x[shots:], y[shots:]
+def test_keyed_uniforms_are_a_function_of_the_key_and_the_draw():
+    """The counter-based stream the sinusoid family draws from: a task's draws alone or
+    in any batch, and any prefix of them, are the same bits; each part of the key
+    changes them; they are uniform on [0, 1)."""
+    batch = keyed_uniforms(3, "train", 17, [4, 9, 2], 30)
+    assert batch.shape == (3, 30) and batch.dtype == np.float64
+    np.testing.assert_array_equal(batch[1], keyed_uniforms(3, "train", 17, [9], 30)[0])
+    np.testing.assert_array_equal(batch[:, :12], keyed_uniforms(3, "train", 17, [4, 9, 2], 12))
+    for other in (keyed_uniforms(4, "train", 17, [4], 30), keyed_uniforms(3, "test", 17, [4], 30),
+                  keyed_uniforms(3, "train", 18, [4], 30), keyed_uniforms(3, "train", 17, [5], 30)):
+        assert not np.isin(other[0], batch[0]).any()
+    u = keyed_uniforms(0, "train", 0, range(400), 250).ravel()  # 100,000 draws
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.std() - np.sqrt(1 / 12)) < 0.005
+    deciles = np.histogram(u, bins=10, range=(0, 1))[0] / u.size
+    assert np.abs(deciles - 0.1).max() < 0.003  # 4+ standard errors of a decile's share
+    with pytest.raises(ValueError, match="must be >= 0"):
+        keyed_uniforms(0, "train", 0, [-1], 3)
 
-    batch = sample_batch(FAMS["sinusoid"], 7, "val", 123, [0, 5, 24], 10, 15)
+
+def test_sinusoid_batch_is_its_tasks_drawn_alone():
+    fam = FAMS["sinusoid"]
+    batch = sample_batch(fam, 7, "val", 123, [0, 5, 24], 10, 15)
     for row, index in enumerate([0, 5, 24]):
-        expected = reference(TaskKey(7, "val", 123, index), 10, 15)
-        for got, want in zip(batch.arrays(), expected, strict=True):
-            assert got.dtype == np.float32
+        alone = fam.sample(TaskKey(7, "val", 123, index), 10, 15)
+        for got, want in zip(batch.arrays(), alone.arrays(), strict=True):
+            assert got.dtype == np.float32 and got.shape[1:] == want.shape
             np.testing.assert_array_equal(got[row], want)
-    x, y, amplitude, phase = Sinusoid.draw(np.random.default_rng(4), 30)
-    rng = np.random.default_rng(4)
-    assert (amplitude, phase) == (rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi))
-    np.testing.assert_array_equal(x, rng.uniform(-5.0, 5.0, size=(30, 1)).astype(np.float32))
+    # the support set is the same whatever the number of query points
+    more = fam.sample(TaskKey(7, "val", 123, 5), 10, 100)
+    np.testing.assert_array_equal(more.support_x, batch.support_x[1])
+    np.testing.assert_array_equal(more.support_y, batch.support_y[1])
+    # keys from different iterations in one batch: each as drawn alone
+    mixed = fam.sample_many([TaskKey(7, "val", 1, 0), TaskKey(7, "val", 2, 0)], 3, 2)
+    alone = fam.sample(TaskKey(7, "val", 2, 0), 3, 2)
+    np.testing.assert_array_equal(mixed.query_y[1], alone.query_y)
 
 
 def test_gaussian_classes_differ_only_in_the_first_two_coordinates():
