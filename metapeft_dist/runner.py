@@ -86,8 +86,13 @@ def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
                            resume.info.get("version", resume.iteration), spend)
     from metapeft_dist.runtime.driver import RayExecutor
 
-    return RayExecutor(job, address, resume.path if resume else None,
-                       resume.iteration if resume else 0, log, metrics, spend, connecting)
+    try:
+        return RayExecutor(job, address, resume.path if resume else None,
+                           resume.iteration if resume else 0, log, metrics, spend, connecting)
+    except BaseException:
+        if connecting is not None:  # the Ray started for this job stops with it
+            connecting.abandon()
+        raise
 
 
 def keep_task_files(spec: JobSpec, files: dict[str, bytes], run_dir: Path) -> JobSpec:
@@ -127,22 +132,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                           "or choose another --run-dir")
     started = time.time()
-    # On the Ray runtime the cluster is joined (the embedded Ray started) while the job
-    # builds here.
-    connecting = None
-    if spec.runtime.mode != "local":
-        from metapeft_dist.runtime.connection import Connecting
-
-        connecting = Connecting(address, spec.runtime.workers)
-    try:
-        # A resumed run keeps the frozen base its meta-parameters were trained on (the
-        # checkpoint's) instead of pretraining it again, and its meta-parameters come
-        # from the checkpoint, so it no longer needs the run algorithm.hyper.init named.
-        job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen}, 0))
-    except BaseException:
-        if connecting is not None:
-            connecting.abandon()
-        raise
+    job, connecting = build_while_joining(spec, address, resume)
     built = time.time()
     spend = SpendMeter(spec.cost.node_table(), spec.cost.energy_usd_per_kwh)
     if resume is not None:
@@ -154,12 +144,7 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
     totals: dict[str, Any] = {}
     try:
         # nothing is written to the run directory before the executor is up
-        try:
-            executor = make_executor(job, address, resume, log, metrics, spend, connecting)
-        except BaseException:
-            if connecting is not None:
-                connecting.abandon()
-            raise
+        executor = make_executor(job, address, resume, log, metrics, spend, connecting)
         try:
             if spec.metrics.enabled:
                 server = MetricsServer(metrics.registry, spec.metrics.address,
@@ -213,6 +198,27 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
         end_run(spec, run_dir, metrics, server, outcome, log)
     on_progress("done", 1, 1, {"results": str(run_dir / "results.json")})
     return results
+
+
+def build_while_joining(spec: JobSpec, address: str | None, resume: Checkpoint | None
+                        ) -> tuple[Job, Any]:
+    """The job, and on the Ray runtime the cluster being joined meanwhile (the embedded
+    Ray starting: a runtime.connection.Connecting), else None. A resumed run keeps the
+    frozen base its meta-parameters were trained on (the checkpoint's) instead of
+    pretraining it again, and its meta-parameters come from the checkpoint, so it no
+    longer needs the run algorithm.hyper.init named."""
+    connecting = None
+    if spec.runtime.mode != "local":
+        from metapeft_dist.runtime.connection import Connecting
+
+        connecting = Connecting(address, spec.runtime.workers)
+    try:
+        job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen}, 0))
+    except BaseException:
+        if connecting is not None:
+            connecting.abandon()
+        raise
+    return job, connecting
 
 
 def timing(results: dict[str, Any], started: float, milestones: dict[str, float],
