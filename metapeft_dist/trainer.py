@@ -5,6 +5,13 @@ seed and iteration, see tasks/base.py), asks the algorithm for the mean outer gr
 (vmapped over tasks, or looped), clips it and applies the outer optimizer. With
 ``run.compile`` the whole step, optimizer included, is one ``mx.compile``d graph; the
 meta-parameters and optimizer state are its captured state.
+
+Iterations stepped in order run one ahead: ``step(t)`` queues iteration t + 1's graph
+behind t's (``mx.async_eval``) before it reads t's loss, so MLX computes while this
+thread builds the next graph, reads results and does the run's bookkeeping. The graphs
+are the ones a step at a time would run, so the bits are the same; the trainer's state
+(``meta``, ``snapshot``, ``checkpoint``) is the one after the last iteration stepped,
+and a step out of order first drops the queued one.
 """
 
 from __future__ import annotations
@@ -56,16 +63,24 @@ class MetaTrainer:
         self.loss_fn = job.loss_fn()
         self._steps: dict[Hashable, Callable] = {}
         self._prefetch: Prefetcher | None = None
+        # The iteration queued ahead and its (loss, norm, tasks), and the state (meta,
+        # optimizer state) after the last iteration stepped, which the queued one has
+        # already replaced in the holder.
+        self._ahead: tuple[int, tuple[mx.array, mx.array, int]] | None = None
+        self._stepped: tuple[Meta, dict[str, Any]] | None = None
 
     @property
     def meta(self) -> Meta:
         """The current meta-parameters. The containers are the trainer's own: the next
         compiled step overwrites their leaves in place, so keep :meth:`snapshot`s."""
-        return self.holder["meta"]
+        return self._stepped[0] if self._ahead is not None else self.holder["meta"]
 
     def snapshot(self) -> Meta:
         """The current meta-parameters in new containers, safe to keep across steps."""
-        return tree_map(lambda a: a, self.holder["meta"])
+        return tree_map(lambda a: a, self.meta)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        return self._stepped[1] if self._ahead is not None else self.optimizer.state
 
     def _step_fn(self, phase: Hashable) -> Callable:
         if phase in self._steps:
@@ -86,10 +101,28 @@ class MetaTrainer:
         """One meta-iteration; returns (mean query loss after adaptation, gradient norm).
 
         Without ``batch``, the iteration's tasks come from a prefetching sampler when
-        iterations are stepped in order.
+        iterations are stepped in order, and the next iteration is queued behind this
+        one (module docstring).
         """
         algorithm = self.job.algorithm
         t0 = time.perf_counter()
+        queued = None
+        if self._ahead is not None:
+            if batch is None and self._ahead[0] == iteration:
+                queued = self._ahead[1]
+            else:
+                self._drop_ahead()
+            self._ahead = None
+        if algorithm.updates_per_batch and batch is None:
+            if queued is None:
+                queued = self._queue(iteration, self._next_batch(iteration))
+            if iteration + 1 < self.job.spec.algorithm.iterations:
+                self._stepped = (tree_map(lambda a: a, self.holder["meta"]),
+                                 tree_map(lambda a: a, self.optimizer.state))
+                self._ahead = (iteration + 1, self._queue(iteration + 1,
+                                                          self._next_batch(iteration + 1)))
+            loss, norm, tasks = queued
+            return self._finished(loss.item(), norm.item(), tasks, 1, t0)
         if batch is None:
             batch = self._next_batch(iteration)
         fn = self._step_fn(algorithm.phase(iteration))
@@ -107,9 +140,30 @@ class MetaTrainer:
                 norms.append(norm_i)
             loss, norm = mx.mean(mx.stack(losses)), mx.mean(mx.stack(norms))
         mx.eval(loss, norm, self.holder, self.optimizer.state)
-        seconds = time.perf_counter() - t0
         tasks = batch[0].shape[0]
-        updates = 1 if algorithm.updates_per_batch else tasks
+        return self._finished(loss.item(), norm.item(), tasks,
+                              1 if algorithm.updates_per_batch else tasks, t0)
+
+    def _queue(self, iteration: int, batch: Task) -> tuple[mx.array, mx.array, int]:
+        """Iteration ``iteration``'s compiled step on ``batch``, queued to compute:
+        (its loss, its gradient norm, its task count)."""
+        algorithm = self.job.algorithm
+        fn = self._step_fn(algorithm.phase(iteration))
+        loss, norm = fn(batch, algorithm.step_inputs(iteration))
+        mx.async_eval(loss, norm, self.holder, self.optimizer.state)
+        return loss, norm, batch[0].shape[0]
+
+    def _drop_ahead(self) -> None:
+        """Forget the iteration queued ahead: the holder and the optimizer state go back
+        to the state after the last iteration stepped (in place: the compiled step
+        reads them through its captured containers)."""
+        meta, state = self._stepped
+        _assign(self.holder, {"meta": meta})
+        _assign(self.optimizer.state, state)
+
+    def _finished(self, loss: float, norm: float, tasks: int, updates: int,
+                  t0: float) -> tuple[float, float]:
+        seconds = time.perf_counter() - t0
         self.version += updates
         self.tasks_completed += tasks
         self.metrics.chunk_done(self.node, tasks, self.job.spec.inner.steps, seconds, seconds,
@@ -117,7 +171,7 @@ class MetaTrainer:
         for _ in range(updates):
             self.metrics.update_applied(self.version, None)
         self.throughput.add(self.node, time.time(), tasks)
-        return loss.item(), norm.item()
+        return loss, norm
 
     def _next_batch(self, iteration: int) -> Task:
         if self._prefetch is None or self._prefetch.next_iteration != iteration:
@@ -136,7 +190,7 @@ class MetaTrainer:
 
     def checkpoint(self, path: str, iteration: int, info: dict[str, Any],
                    best: Meta | None = None) -> None:
-        save_checkpoint(path, iteration, self.meta, self.optimizer.state,
+        save_checkpoint(path, iteration, self.meta, self._optimizer_state(),
                         self.job.stored_frozen(),
                         {**info, "version": self.version}, best)
 
@@ -151,9 +205,21 @@ class MetaTrainer:
 
     def close(self) -> None:
         self.release()
+        if self._ahead is not None:
+            self._drop_ahead()
+            self._ahead = None
         if self._prefetch is not None:
             self._prefetch.close()
             self._prefetch = None
+
+
+def _assign(live: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Put the leaves of ``saved`` into the containers of ``live`` (the same structure)."""
+    for key, value in saved.items():
+        if isinstance(value, dict):
+            _assign(live[key], value)
+        else:
+            live[key] = value
 
 
 class Prefetcher:

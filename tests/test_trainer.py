@@ -17,6 +17,7 @@ from metapeft_dist.config import parse_spec
 from metapeft_dist.cost import SpendMeter
 from metapeft_dist.evaluate import Evaluator
 from metapeft_dist.job import Init, build_job
+from metapeft_dist.runtime.checkpoint import load_checkpoint
 from metapeft_dist.trainer import MetaTrainer, Prefetcher
 
 SIN = """
@@ -75,6 +76,28 @@ def test_snapshots_survive_later_compiled_steps():
     trainer.step(1)
     assert _max_diff(kept["params"], copy) == 0.0
     assert _max_diff(trainer.meta["params"], copy) > 0.0
+
+
+def test_running_one_iteration_ahead_changes_no_bit(tmp_path):
+    """Stepped in order, each iteration queues the next one behind it. Its losses, its
+    state while the next one is queued (meta, snapshots, a checkpoint's optimizer
+    state) and a step out of order (which drops the queued one) are those of a trainer
+    stepping one iteration at a time (given batches, it queues nothing)."""
+    job = build_job(parse_spec(SIN, overrides=["algorithm.name=metasgd"]))
+    ahead, plain = MetaTrainer(job), MetaTrainer(job)
+    for i in [0, 1, 2, 3, 7, 8]:  # 7: out of order
+        assert ahead.step(i) == plain.step(i, job.batch(i))
+        assert _max_diff(ahead.meta, plain.meta) == 0.0
+        assert _max_diff(ahead.snapshot(), plain.snapshot()) == 0.0
+    for trainer, name in ((ahead, "ahead"), (plain, "plain")):
+        trainer.checkpoint(str(tmp_path / f"{name}.safetensors"), 9, {})
+    a, p = (load_checkpoint(tmp_path / f"{n}.safetensors") for n in ("ahead", "plain"))
+    assert _max_diff(a.meta, p.meta) == 0.0
+    assert _max_diff(a.optimizer_state, p.optimizer_state) == 0.0
+    assert int(a.optimizer_state["step"]) == 6
+    ahead.close()  # drops iteration 9, queued: the state stays after 8
+    assert _max_diff(ahead.meta, plain.meta) == 0.0
+    assert ahead.step(9) == plain.step(9, job.batch(9))
 
 
 def test_the_trainer_holds_its_node_on_the_meter_it_is_given():
