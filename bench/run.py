@@ -8,7 +8,9 @@ RQ1-RQ3 and Experiments 1-3, which the sections measure: docs/research-questions
 Sections:
   blas      1024x1024 float32 matmul: MLX's bundled BLAS vs OpenBLAS (median of 5)
   speed     sinusoid second-order MAML (K=10, meta-batch 25, 1 inner step) meta-iterations
-            per second: per-task loop vs mx.vmap vs mx.compile vs both (median of 3); then
+            per second: per-task loop vs mx.vmap vs mx.compile vs both (median of 3);
+            where an iteration's time goes (sampling, copying, building the graph, MLX
+            computing it, reading the loss; the trainer's step; the graph's size); then
             first and second order against the same MAML in JAX (bench/jax_maml.py, in
             .bench/jax-venv), three alternating rounds, the median ratio
   sinusoid  jobs/sinusoid-maml.yaml end to end: MSE after 1 and 10 steps, 600 tasks
@@ -125,7 +127,70 @@ def bench_speed() -> dict:
     print(f"fastest: {best}; vs the per-task loop: "
           f"{out[best]['iterations_per_second'] / out['loop']['iterations_per_second']:.1f}x; "
           f"target >= {5 * REFERENCE_ITERATIONS_PER_SECOND:.0f} it/s")
+    out["breakdown"] = bench_step_breakdown()
     out["jax"] = bench_against_jax()
+    return out
+
+
+def bench_step_breakdown(iterations: int = 400) -> dict:
+    """Where a sinusoid meta-iteration's time goes on the fastest path, second and first
+    order: sampling the tasks (numpy), copying them into MLX, building the compiled
+    step's graph (the call, lazy), MLX computing it, reading the loss and gradient norm
+    back; each alone, one iteration at a time (medians, microseconds). Then the trainer's
+    own step in order, which overlaps all but the computing (trainer.py), and the size
+    of the step's graph before compilation fuses it (primitives)."""
+    import io
+
+    import mlx.core as mx
+
+    from metapeft_dist.job import to_mx
+
+    out = {}
+    for order, algorithm in (("second", "maml"), ("first", "fomaml")):
+        spec = load_spec(ROOT / "jobs" / "sinusoid-maml.yaml",
+                         ["runtime.mode=local", f"algorithm.name={algorithm}",
+                          f"algorithm.iterations={10 * iterations}", "eval.every=0"])
+        job = build_job(spec)
+        trainer = MetaTrainer(job)
+        for i in range(20):
+            trainer.step(i)
+        parts: dict[str, list[float]] = {k: [] for k in
+                                         ("sample", "copy", "build", "compute", "read")}
+        fn, inputs = trainer.step_fn(None), job.algorithm.step_inputs(0)
+        for i in range(iterations):
+            t0 = time.perf_counter()
+            episode = job.episodes("train", i, range(spec.algorithm.meta_batch))
+            t1 = time.perf_counter()
+            batch = to_mx(episode)
+            mx.eval(batch)
+            t2 = time.perf_counter()
+            loss, norm = fn(batch, inputs)
+            t3 = time.perf_counter()
+            mx.eval(loss, norm, trainer.holder, trainer.optimizer.state)
+            t4 = time.perf_counter()
+            loss.item(), norm.item()
+            t5 = time.perf_counter()
+            for key, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
+                                    strict=True):
+                parts[key].append(seconds)
+        row = {k: 1e6 * statistics.median(v) for k, v in parts.items()}
+        start = time.perf_counter()
+        for i in range(20, 20 + iterations):
+            trainer.step(i)
+        row["step"] = 1e6 * (time.perf_counter() - start) / iterations
+        trainer.close()
+        grad, loss = job.algorithm.batch_grad(job.initial_meta, job.loss_fn(), batch, inputs)
+        dot = io.StringIO()
+        mx.export_to_dot(dot, loss, grad)
+        row["primitives"] = dot.getvalue().count("shape=rectangle")
+        out[order] = row
+    print(f"where a meta-iteration's time goes (us, median of {iterations}):")
+    columns = ("sample", "copy", "build", "compute", "read", "step", "primitives")
+    print(f"{'':<10}" + "".join(f"{k:>11}" for k in columns))
+    for order, row in out.items():
+        print(f"{order:<10}" + "".join(f"{row[k]:>11.0f}" for k in columns))
+    print("(step: the trainer's, in order, the next iteration queued behind each; "
+          "primitives: the step's graph before compilation fuses it)", flush=True)
     return out
 
 

@@ -82,7 +82,9 @@ class MetaTrainer:
     def _optimizer_state(self) -> dict[str, Any]:
         return self._stepped[1] if self._ahead is not None else self.optimizer.state
 
-    def _step_fn(self, phase: Hashable) -> Callable:
+    def step_fn(self, phase: Hashable) -> Callable:
+        """The meta-step of ``phase`` (the algorithm's static switch), built once:
+        ``step(batch, inputs) -> (loss, norm)``, lazy, updating the trainer's state."""
         if phase in self._steps:
             return self._steps[phase]
         spec = self.job.spec
@@ -125,7 +127,7 @@ class MetaTrainer:
             return self._finished(loss.item(), norm.item(), tasks, 1, t0)
         if batch is None:
             batch = self._next_batch(iteration)
-        fn = self._step_fn(algorithm.phase(iteration))
+        fn = self.step_fn(algorithm.phase(iteration))
         inputs = algorithm.step_inputs(iteration)
         if algorithm.updates_per_batch:
             loss, norm = fn(batch, inputs)
@@ -148,7 +150,7 @@ class MetaTrainer:
         """Iteration ``iteration``'s compiled step on ``batch``, queued to compute:
         (its loss, its gradient norm, its task count)."""
         algorithm = self.job.algorithm
-        fn = self._step_fn(algorithm.phase(iteration))
+        fn = self.step_fn(algorithm.phase(iteration))
         loss, norm = fn(batch, algorithm.step_inputs(iteration))
         mx.async_eval(loss, norm, self.holder, self.optimizer.state)
         return loss, norm, batch[0].shape[0]
