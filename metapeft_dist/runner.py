@@ -38,7 +38,7 @@ from metapeft_dist.runtime.checkpoint import Checkpoint
 from metapeft_dist.trainer import MetaTrainer
 from metapeft_dist.training import Executor, meta_train
 from metapeft_dist.tree import Meta, num_elements
-from metapeft_dist.wire import encode
+from metapeft_dist.wire import TreeSpec, WireError, encode
 
 def platform_info() -> dict[str, Any]:
     """What the numbers were measured on."""
@@ -213,12 +213,32 @@ def build_while_joining(spec: JobSpec, address: str | None, resume: Checkpoint |
 
         connecting = Connecting(address, spec.runtime.workers)
     try:
-        job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen}, 0))
+        try:
+            job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen},
+                                                                      0))
+        except WireError as err:  # only a resumed run's frame: the checkpoint's frozen base
+            raise RunDirError(unfit(resume.path, "frozen base", str(err))) from None
+        if resume is not None:
+            want, got = TreeSpec.of(job.initial_meta), TreeSpec.of(resume.meta)
+            if want != got:
+                missing = sorted(set(want.entries) - set(got.entries))
+                other = sorted(k for k, v in got.entries.items() if want.entries.get(k) != v)
+                raise RunDirError(unfit(resume.path, "meta-parameters",
+                                        f"missing {missing}, not this job's {other}"))
     except BaseException:
         if connecting is not None:
             connecting.abandon()
         raise
     return job, connecting
+
+
+def unfit(path: str, part: str, detail: str) -> str:
+    """The one line for a checkpoint whose ``part`` is not this job's tree."""
+    line = f"checkpoint {path}: its {part} do not fit this job's model ({detail})"
+    if ".w'" in detail and ".kernel'" in detail:
+        line += ("; it was written before the MLP stored its hidden layers as (in, out) "
+                 "kernels, and cannot be resumed: run the job anew")
+    return line
 
 
 def timing(results: dict[str, Any], started: float, milestones: dict[str, float],

@@ -1,7 +1,7 @@
 """Parameter trees.
 
 A model's parameters are a flat ``dict[str, mx.array]`` named ``layer.kind``
-(``hidden0.w``, ``hidden0.lora_a``, ``head.b``), the same names mlx-lm gives adapter
+(``hidden0.kernel``, ``hidden0.lora_a``, ``head.b``), the same names mlx-lm gives adapter
 weights. Meta-parameters group such dicts: ``{"params": {...}, "lr": {...}}``.
 Both are MLX trees, so ``mlx.utils.tree_map`` and ``mx.grad`` work on them directly.
 Nested trees flatten to ``group/name`` keys (names contain no ``/``).

@@ -4,6 +4,8 @@ the checkpoint and the printed table."""
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 
 import mlx.core as mx
 import pytest
@@ -11,7 +13,7 @@ import yaml
 
 from metapeft_dist.config import from_dict, parse_spec
 from metapeft_dist.results import format_table, timing_line
-from metapeft_dist.runner import run_job
+from metapeft_dist.runner import RunDirError, run_job
 from metapeft_dist.runner import timing as job_timing
 from metapeft_dist.runtime.checkpoint import list_checkpoints, load_checkpoint
 
@@ -28,8 +30,8 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
     assert [it for it, _ in list_checkpoints(run / "checkpoints")] == [20, 30]
     final = load_checkpoint(results["meta_training"]["checkpoint"])
     assert final.iteration == 30 and final.info["algorithm"] == "maml"
-    assert set(final.meta["params"]) == {"hidden0.w", "hidden0.b", "hidden1.w", "hidden1.b",
-                                         "head.w", "head.b"}
+    assert set(final.meta["params"]) == {"hidden0.kernel", "hidden0.b", "hidden1.kernel",
+                                         "hidden1.b", "head.w", "head.b"}
     mt = results["meta_training"]
     assert [v["iteration"] for v in mt["validation"]] == [10, 20, 30]
     # eval.select: best evaluates the init with the lowest meta-validation MSE.
@@ -143,11 +145,26 @@ def test_a_resumed_run_keeps_its_frozen_base_and_needs_no_init_run(tmp_path, tin
     (tmp_path / "lora").rename(tmp_path / "moved")
 
     spec_again, checkpoint = find_resume_point(tmp_path / "cut", lambda message: None)
-    assert checkpoint.iteration == 2 and checkpoint.frozen.keys() == {"hidden0.w", "hidden0.b"}
+    assert checkpoint.iteration == 2 and checkpoint.frozen.keys() == {"hidden0.kernel", "hidden0.b"}
     resumed = run_job(spec_again, tmp_path / "cut", resume=checkpoint)
     a = load_checkpoint(whole["meta_training"]["checkpoint"]).meta
     b = load_checkpoint(resumed["meta_training"]["checkpoint"]).meta
     assert all(mx.array_equal(a[g][k], b[g][k]) for g in a for k in a[g])
+    # a checkpoint whose trees are not this job's is refused in one line, nothing written:
+    # one from before the MLP's hidden layers were (in, out) kernels ...
+    old = {("hidden0.w" if k == "hidden0.kernel" else k): v.T if k == "hidden0.kernel" else v
+           for k, v in checkpoint.frozen.items()}
+    with pytest.raises(RunDirError, match=r"its frozen base do not fit this job's model .*"
+                                          r"before the MLP stored its hidden layers as"):
+        run_job(spec_again, tmp_path / "old", resume=replace(checkpoint, frozen=old))
+    # ... and meta-parameters of another tree
+    first = sorted(checkpoint.meta["params"])[0]
+    fewer = {**checkpoint.meta, "params": {k: v for k, v in checkpoint.meta["params"].items()
+                                           if k != first}}
+    expected = f"its meta-parameters do not fit this job's model (missing ['params/{first}'], "
+    with pytest.raises(RunDirError, match=re.escape(expected + "not this job's [])")):
+        run_job(spec_again, tmp_path / "other", resume=replace(checkpoint, meta=fewer))
+    assert not (tmp_path / "old").exists() and not (tmp_path / "other").exists()
 
 
 def test_a_jsonl_run_keeps_its_task_files_and_resumes_without_the_originals(tmp_path):

@@ -165,9 +165,9 @@ inner: {steps: 2, lr: 0.4}
 """
     job, trainer, _ = _train(text, 3)
     assert set(trainer.meta["params"]) == {"hidden0.lora_a", "hidden0.lora_b", "head.w", "head.b"}
-    assert set(job.frozen) == {"hidden0.w", "hidden0.b"}
+    assert set(job.frozen) == {"hidden0.kernel", "hidden0.b"}
     pretrained = job.pretrained()
-    assert mx.array_equal(job.frozen["hidden0.w"], pretrained["hidden0.w"])
+    assert mx.array_equal(job.frozen["hidden0.kernel"], pretrained["hidden0.kernel"])
     # The adapters moved away from their init; the frozen base did not change.
     assert _max_diff({"b": trainer.meta["params"]["hidden0.lora_b"]},
                      {"b": job.initial_meta["params"]["hidden0.lora_b"]}) > 0

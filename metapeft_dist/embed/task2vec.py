@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.embed.probe import Probe, TaskSample
+from metapeft_dist.models.lora import KERNEL
 
 HEAD_STEPS = 100
 HEAD_LR = 0.5
@@ -63,14 +64,21 @@ def train_head(features: np.ndarray, y: np.ndarray, ways: int, steps: int = HEAD
     return head[0] / scale, head[1]
 
 
+def units_axis(name: str) -> int:
+    """The axis of a weight's output units: the first (``w``, Hugging Face's ``weight``,
+    a conv kernel), the last for an (in, out) kernel (models/lora.py)."""
+    return -1 if name.endswith(f".{KERNEL}") else 0
+
+
 def per_unit(fisher: dict[str, mx.array], names: Sequence[str]) -> np.ndarray:
-    """Each weight's Fisher averaged over all axes but the first (the output unit);
-    vectors (biases, norms) as they are; concatenated in ``names`` order."""
+    """Each weight's Fisher averaged over all axes but its output units'; vectors
+    (biases, norms) as they are; concatenated in ``names`` order."""
     parts = []
     for name in names:
         value = fisher[name]
         if value.ndim > 1:
-            value = value.mean(axis=tuple(range(1, value.ndim)))
+            axis = units_axis(name) % value.ndim
+            value = value.mean(axis=tuple(a for a in range(value.ndim) if a != axis))
         parts.append(np.array(value.astype(mx.float32)).reshape(-1))
     return np.concatenate(parts).astype(np.float64)
 
@@ -146,7 +154,7 @@ def fisher_per_unit(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array
     def class_log_prob(zeros, c):  # summed over the examples
         return log_probs({**base, **{k: base[k] + z for k, z in zeros.items()}}, x)[:, c].sum()
 
-    total = {k: mx.zeros((base[k].shape[0],) if k in matrices else base[k].shape)
+    total = {k: mx.zeros((base[matrices[k][1]].shape[0],) if k in matrices else base[k].shape)
              for k in base if k not in others}
     zeros = {k: mx.zeros(shape) for k, shape in taps.items()}
     for c in range(ways):
@@ -156,10 +164,11 @@ def fisher_per_unit(probe: Probe, head: tuple[mx.array, mx.array], x: mx.array
             g = g.reshape(n, -1, g.shape[-1])
             total[k] = total[k] + (weight[:, None] * g.sum(axis=1) ** 2).sum(axis=0)
         for k, (_, bias) in matrices.items():
-            delta = grads[bias].reshape(n, -1, base[k].shape[0])  # (n, P, out)
+            units = base[bias].shape[0]
+            delta = grads[bias].reshape(n, -1, units)  # (n, P, out)
             squares = (delta * (grams[k] @ delta)).sum(axis=1)  # (n, out)
             total[k] = total[k] + (weight[:, None] * squares).sum(axis=0) / (
-                base[k].size // base[k].shape[0])
+                base[k].size // units)
         mx.eval(total)
     fisher = {k: v / n for k, v in total.items() if k not in others}
     if others:
@@ -178,7 +187,8 @@ class Task2Vec:
 
     @property
     def dim(self) -> int:
-        return int(sum(self.probe.params[k].shape[0] for k in self.probe.base_names))
+        params = self.probe.params
+        return int(sum(params[k].shape[units_axis(k)] for k in self.probe.base_names))
 
     def embed_one(self, task: TaskSample) -> np.ndarray:
         head = train_head(self.probe.features(task.x), task.y, task.ways, self.head_steps)

@@ -268,11 +268,11 @@ def test_on_the_digits_mlp_the_maps_and_head_read_the_last_hidden_layer(digits):
     # at init the adapters are the base ones (B = 0: the pretrained MLP), and the head
     # is the nearest prototype in the last hidden layer, found here by hand
     frozen = digits.frozen
-    h = np.array(mx.maximum(mx.maximum(sx.reshape(sx.shape[0], -1) @ frozen["hidden0.w"].T
-                                       + frozen["hidden0.b"], 0) @ frozen["hidden1.w"].T
+    h = np.array(mx.maximum(mx.maximum(sx.reshape(sx.shape[0], -1) @ frozen["hidden0.kernel"]
+                                       + frozen["hidden0.b"], 0) @ frozen["hidden1.kernel"]
                             + frozen["hidden1.b"], 0))
-    hq = np.array(mx.maximum(mx.maximum(qx.reshape(qx.shape[0], -1) @ frozen["hidden0.w"].T
-                                        + frozen["hidden0.b"], 0) @ frozen["hidden1.w"].T
+    hq = np.array(mx.maximum(mx.maximum(qx.reshape(qx.shape[0], -1) @ frozen["hidden0.kernel"]
+                                        + frozen["hidden0.b"], 0) @ frozen["hidden1.kernel"]
                              + frozen["hidden1.b"], 0))
     protos = np.stack([h[np.array(sy) == c].mean(axis=0) for c in range(5)])
     nearest = np.argmin(((hq[:, None, :] - protos[None]) ** 2).sum(-1), axis=1)

@@ -67,9 +67,10 @@ def _toy_probe():
 def test_probe_features_are_the_base_output():
     probe, params = _toy_probe()
     x = np.array([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]], dtype=np.float32)
-    expected = np.maximum(x @ np.array(params["hidden0.w"]).T + np.array(params["hidden0.b"]), 0)
+    kernel = np.array(params["hidden0.kernel"])  # (in, out)
+    expected = np.maximum(x @ kernel + np.array(params["hidden0.b"]), 0)
     np.testing.assert_allclose(probe.features(x), expected, rtol=1e-5, atol=1e-6)
-    assert probe.base_names == ("hidden0.b", "hidden0.w")
+    assert probe.base_names == ("hidden0.b", "hidden0.kernel")
 
 
 def test_fisher_matches_per_example_gradients(monkeypatch):
@@ -90,10 +91,10 @@ def test_fisher_matches_per_example_gradients(monkeypatch):
                 expected[k] += p[c] * np.array(g) ** 2 / 5
     for k in expected:
         np.testing.assert_allclose(np.array(fisher[k]), expected[k], rtol=1e-4, atol=1e-9)
-    # Per output unit: the weight (4, 3) averages over its 3 inputs; the bias stays.
+    # Per output unit: the kernel (3, 4) averages over its 3 inputs; the bias stays.
     vector = task2vec.per_unit(fisher, probe.base_names)
     np.testing.assert_allclose(vector, np.concatenate([expected["hidden0.b"],
-                                                       expected["hidden0.w"].mean(axis=1)]),
+                                                       expected["hidden0.kernel"].mean(axis=0)]),
                                rtol=1e-4, atol=1e-9)
     # What Task2Vec computes, from per-position output gradients and the inputs' Gram
     # matrices: the same per-unit sums in another order (float32 rounding apart).

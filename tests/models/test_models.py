@@ -10,7 +10,7 @@ import pytest
 
 from metapeft_dist.models import Model, bert, split_trainable, trainable_names
 from metapeft_dist.models.conv import conv_net, im2col3x3, init_conv, max_pool2
-from metapeft_dist.models.lora import lora_linear
+from metapeft_dist.models.lora import KERNEL, lora_linear
 from metapeft_dist.models.mlp import init_mlp, linear, mlp
 
 
@@ -41,7 +41,7 @@ def test_mlp_lora_equals_merged_weight():
     scale = 0.5
     merged = {n: v for n, v in params.items() if "lora" not in n}
     delta = scale * (params["hidden0.lora_a"] @ params["hidden0.lora_b"])  # (in, out)
-    merged["hidden0.w"] = params["hidden0.w"] + delta.T
+    merged["hidden0.kernel"] = params["hidden0.kernel"] + delta  # the kernel is (in, out)
     x = mx.random.normal((4, 5), key=mx.random.key(2))
     np.testing.assert_allclose(np.array(mlp(params, x, 1, scale)), np.array(mlp(merged, x, 1, 0.0)),
                                rtol=1e-5, atol=1e-5)
@@ -50,11 +50,17 @@ def test_mlp_lora_equals_merged_weight():
 def test_one_lora_layer_serves_the_mlp_and_the_encoder():
     params = _randomize_b(init_mlp(mx.random.key(0), 5, (8,), 3, lora_rank=2))
     x = mx.random.normal((4, 5), key=mx.random.key(2))
-    w, b, a, b_ = (params[f"hidden0.{k}"] for k in ("w", "b", "lora_a", "lora_b"))
+    k, b, a, b_ = (params[f"hidden0.{n}"] for n in ("kernel", "b", "lora_a", "lora_b"))
+    assert k.shape == (5, 8)  # the MLP's hidden kernels are (in, out)
     # in this order of operations, to the bit (the low-rank path, never merged)
+    assert mx.array_equal(lora_linear(params, "hidden0", x, 0.5, KERNEL),
+                          x @ k + b + 0.5 * ((x @ a) @ b_))
+    hidden = mx.maximum(lora_linear(params, "hidden0", x, 0.5, KERNEL), 0.0)
+    assert mx.array_equal(mlp(params, x, 1, 0.5), lora_linear(params, "head", hidden, 0.5))
+    w = mx.contiguous(k.T)  # (out, in), as the heads and Hugging Face store a weight
     expected = x @ w.T + b + 0.5 * ((x @ a) @ b_)
-    assert mx.array_equal(lora_linear(params, "hidden0", x, 0.5), expected)
-    assert mx.array_equal(linear(params, "hidden0", x, 0.5), expected)
+    assert mx.array_equal(linear({"l.w": w, "l.b": b, "l.lora_a": a, "l.lora_b": b_}, "l", x,
+                                 0.5), expected)
     hf = {"l.weight": w, "l.bias": b, "l.lora_a": a, "l.lora_b": b_}  # Hugging Face's names
     assert mx.array_equal(bert._dense(hf, "l", x, 0.5), expected)
     assert mx.array_equal(lora_linear({"l.w": w, "l.b": b}, "l", x, 0.5), x @ w.T + b)
@@ -106,7 +112,7 @@ def test_init_is_deterministic_in_the_key():
     a, b = model.init(mx.random.key(7)), model.init(mx.random.key(7))
     assert all(mx.array_equal(a[n], b[n]) for n in a)
     c = model.init(mx.random.key(8))
-    assert not mx.array_equal(a["hidden0.w"], c["hidden0.w"])
+    assert not mx.array_equal(a["hidden0.kernel"], c["hidden0.kernel"])
 
 
 def test_trainable_partition():
@@ -117,4 +123,4 @@ def test_trainable_partition():
         "head.w", "head.b"}
     trainable, frozen = split_trainable(params, "lora")
     assert set(trainable) | set(frozen) == set(params)
-    assert set(frozen) == {"hidden0.w", "hidden0.b", "hidden1.w", "hidden1.b"}
+    assert set(frozen) == {"hidden0.kernel", "hidden0.b", "hidden1.kernel", "hidden1.b"}

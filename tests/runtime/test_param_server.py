@@ -143,7 +143,7 @@ def test_a_worker_builds_on_the_drivers_frozen_base_and_needs_none_of_its_files(
 
     worker = Worker(spec.to_dict(), frame)
     assert worker.job._pretrained is None  # it did not pretrain
-    assert worker.job.frozen.keys() == driver.frozen.keys() == {"hidden0.w", "hidden0.b"}
+    assert worker.job.frozen.keys() == driver.frozen.keys() == {"hidden0.kernel", "hidden0.b"}
     assert all(mx.array_equal(worker.job.frozen[k], v) for k, v in driver.frozen.items())
     # Its gradient of the driver's meta-parameters (base adapters from the run) is the
     # driver's own.
