@@ -10,7 +10,8 @@ Sections:
   speed     sinusoid second-order MAML (K=10, meta-batch 25, 1 inner step) meta-iterations
             per second: per-task loop vs mx.vmap vs mx.compile vs both (median of 3);
             where an iteration's time goes (sampling, copying, building the graph, MLX
-            computing it, reading the loss; the trainer's step; the graph's size); then
+            dispatching it, the wait for its kernels, reading the loss; the trainer's
+            step; the graph's size); then
             first and second order against the same MAML in JAX (bench/jax_maml.py, in
             .bench/jax-venv), three alternating rounds, the median ratio
   sinusoid  jobs/sinusoid-maml.yaml end to end: MSE after 1 and 10 steps, 600 tasks
@@ -135,10 +136,13 @@ def bench_speed() -> dict:
 def bench_step_breakdown(iterations: int = 400) -> dict:
     """Where a sinusoid meta-iteration's time goes on the fastest path, second and first
     order: sampling the tasks (numpy), copying them into MLX, building the compiled
-    step's graph (the call, lazy), MLX computing it, reading the loss and gradient norm
-    back; each alone, one iteration at a time (medians, microseconds). Then the trainer's
-    own step in order, which overlaps all but the computing (trainer.py), and the size
-    of the step's graph before compilation fuses it (primitives)."""
+    step's graph (the call, lazy), MLX dispatching it (``mx.async_eval``: walking the
+    graph, allocating each primitive's output and queueing its kernel, on the calling
+    thread), the wait for the kernels still queued, reading the loss and gradient norm
+    back; each alone, one iteration at a time (medians, microseconds). Then the
+    trainer's own step in order, which queues each iteration behind the one before
+    (trainer.py), and the size of the step's graph before compilation fuses it
+    (primitives)."""
     import io
 
     import mlx.core as mx
@@ -155,7 +159,8 @@ def bench_step_breakdown(iterations: int = 400) -> dict:
         for i in range(20):
             trainer.step(i)
         parts: dict[str, list[float]] = {k: [] for k in
-                                         ("sample", "copy", "build", "compute", "read")}
+                                         ("sample", "copy", "build", "dispatch", "wait",
+                                          "read")}
         fn, inputs = trainer.step_fn(None), job.algorithm.step_inputs(0)
         for i in range(iterations):
             t0 = time.perf_counter()
@@ -166,12 +171,14 @@ def bench_step_breakdown(iterations: int = 400) -> dict:
             t2 = time.perf_counter()
             loss, norm = fn(batch, inputs)
             t3 = time.perf_counter()
-            mx.eval(loss, norm, trainer.holder, trainer.optimizer.state)
+            mx.async_eval(loss, norm, trainer.holder, trainer.optimizer.state)
             t4 = time.perf_counter()
-            loss.item(), norm.item()
+            mx.eval(loss, norm, trainer.holder, trainer.optimizer.state)
             t5 = time.perf_counter()
-            for key, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
-                                    strict=True):
+            loss.item(), norm.item()
+            t6 = time.perf_counter()
+            for key, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4,
+                                            t6 - t5), strict=True):
                 parts[key].append(seconds)
         row = {k: 1e6 * statistics.median(v) for k, v in parts.items()}
         start = time.perf_counter()
@@ -185,12 +192,14 @@ def bench_step_breakdown(iterations: int = 400) -> dict:
         row["primitives"] = dot.getvalue().count("shape=rectangle")
         out[order] = row
     print(f"where a meta-iteration's time goes (us, median of {iterations}):")
-    columns = ("sample", "copy", "build", "compute", "read", "step", "primitives")
+    columns = ("sample", "copy", "build", "dispatch", "wait", "read", "step", "primitives")
     print(f"{'':<10}" + "".join(f"{k:>11}" for k in columns))
     for order, row in out.items():
         print(f"{order:<10}" + "".join(f"{row[k]:>11.0f}" for k in columns))
-    print("(step: the trainer's, in order, the next iteration queued behind each; "
-          "primitives: the step's graph before compilation fuses it)", flush=True)
+    print("(dispatch: mx.async_eval's own time on the calling thread; wait: until the "
+          "kernels queued are done; step: the trainer's, in order, the next iteration "
+          "queued behind each; primitives: the step's graph before compilation fuses it)",
+          flush=True)
     return out
 
 
