@@ -82,6 +82,8 @@ def timing_line(timing: dict[str, Any]) -> str:
         steps = ", ".join(f"{label} at {startup[key]:.1f} s"
                           for key, label in (("run_started", "run started"),
                                              ("job_built", "job built"), ("ray", "Ray up"),
+                                             ("worker_imported", "a worker's imports done"),
+                                             ("worker_built", "its job built"),
                                              ("workers", "workers answering"))
                           if key in startup)
         since = ("after the command started" if timing.get("startup_from") == "command"

@@ -72,14 +72,16 @@ def test_run_writes_spec_checkpoints_and_results(tmp_path, tiny_spec_text, local
         f"final evaluation {timing['evaluation']:.1f} s "
         f"({100 * timing['evaluation'] / timing['job']:.0f}%) of {timing['job']:.1f} s; "
         f"first task done {startup['first_task']:.1f} s in (job built at "
-        f"{startup['job_built']:.1f} s, Ray up at {startup['ray']:.1f} s, workers answering "
-        f"at {startup['workers']:.1f} s)"]
+        f"{startup['job_built']:.1f} s, Ray up at {startup['ray']:.1f} s, a worker's imports "
+        f"done at {startup['worker_imported']:.1f} s, its job built at "
+        f"{startup['worker_built']:.1f} s, workers answering at {startup['workers']:.1f} s)"]
     # the job is built while Ray is joined (the test's, already up), then the workers
     # answer, then the first task is done, all within the job; the milestones leave the
     # runtime section
     startup = timing["startup"]
     assert 0 < startup["job_built"] < startup["workers"]
-    assert 0 < startup["ray"] < startup["workers"]
+    assert 0 < startup["ray"] < startup["worker_imported"] <= startup["worker_built"]
+    assert startup["worker_built"] < startup["workers"]
     assert startup["workers"] <= startup["first_task"] < timing["job"]
     assert timing["startup_from"] == "run"
     assert "started" not in results["runtime"]

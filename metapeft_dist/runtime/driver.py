@@ -143,8 +143,16 @@ class RayExecutor:
             "kinds": dict(sorted(self.pool.kinds.items())),  # machine kind -> chunks computed
             "nodes": sorted(self.pool.live_on),
             "throughput": chunks["throughput"],
-            "started": self.started,
+            "started": {**self.started, **self._first_worker()},
         }
+
+    def _first_worker(self) -> dict[str, float]:
+        """When the first worker to answer had its imports done and its job built (its
+        machine's clock; one clock with the embedded Ray)."""
+        first = self.pool.first_answer
+        if first is None or "built_at" not in first:
+            return {}
+        return {"worker_imported": first["imported_at"], "worker_built": first["built_at"]}
 
     def release(self) -> None:
         """Meta-training is over: the job holds no node any longer (for the cost)."""

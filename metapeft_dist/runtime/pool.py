@@ -67,9 +67,11 @@ class RayWorker(Worker):
         arguments: Ray does not protect constructor arguments in the object store, an
         actor handle among them, for an actor's restarts (and logs an error for every
         such actor, ray#53727)."""
+        imported_at = time.time()  # the process has imported what it runs
         ps = ray.get_actor(ps_name)
         frozen_frame, files = ray.get(ps.job_assets.remote())
         super().__init__(spec, frozen_frame, files)
+        self.imported_at = imported_at  # not after waiting for the parameter server
 
     def node_identity(self) -> dict[str, str]:
         return {"id": ray.get_runtime_context().get_node_id(), "host": platform.node(),
@@ -114,6 +116,7 @@ class WorkerPool:
         self.live_on: dict[str, set] = {}  # node label -> the workers answering there
         self.created_at: dict[Any, float] = {}  # worker handle -> when it was started
         self.kinds: dict[str, int] = {}  # machine kind (blas.machine_kind) -> chunks done
+        self.first_answer: dict[str, Any] | None = None  # the first worker's first ping
         self._next_scale_check = time.monotonic() + SCALE_CHECK_SECONDS
 
     def launch(self) -> None:
@@ -179,7 +182,10 @@ class WorkerPool:
         if handle is None:
             return False
         try:
-            self._up(handle, ray.get(ref))
+            answer = ray.get(ref)
+            if self.first_answer is None:
+                self.first_answer = answer
+            self._up(handle, answer)
             self.slots.extend([handle] * SLOTS_PER_WORKER)
         except LOST as err:
             if (failure := setup_failure(err)) is None:

@@ -41,6 +41,7 @@ class Worker:
         from memory, so they need not exist on this machine and nothing is written to
         its disk (a worker killed by Ray leaves no copy of a user's texts behind)."""
         t0 = time.perf_counter()
+        self.imported_at = time.time()  # its imports done: the constructor starts
         self.spec = from_dict(spec)
         self.job = build_job(self.spec, frozen_frame, files)
         self.tree_spec = TreeSpec.of(self.job.initial_meta)
@@ -53,6 +54,7 @@ class Worker:
         self.node_id = self.node_identity()["id"]  # fixed for the life of the process
         self.kind = machine_kind()  # what decides the bits of its results
         self.setup_seconds = time.perf_counter() - t0
+        self.built_at = time.time()
 
     def node_identity(self) -> dict[str, str]:
         """Which machine this worker runs on: ``id`` tells nodes apart (the Ray worker
@@ -61,9 +63,12 @@ class Worker:
         return {"id": host, "host": host, "ip": ""}
 
     def ping(self) -> dict[str, Any]:
+        """Who answers, and when (``time``); when its process had imported what it runs
+        (``imported_at``) and when its job was built (``built_at``), by its own clock."""
         return {**self.node_identity(), "pid": os.getpid(), "kind": self.kind,
                 "setup_seconds": self.setup_seconds, "energy_joules": read_energy_joules(),
-                "time": time.time()}
+                "time": time.time(), "imported_at": self.imported_at,
+                "built_at": self.built_at}
 
     def _grad_fn(self, phase: Hashable) -> Callable:
         if phase not in self._steps:
