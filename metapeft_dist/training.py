@@ -210,8 +210,9 @@ class MetaTraining:
                 if done % every_val == 0 or done == iterations:
                     self.start_validation(done)
                 finished = self.finish_validations(wait=done == iterations)
-                if finished:
+                if finished:  # the newest for a progress line; every one, in order
                     progress["val_iteration"], progress["val"] = finished[-1]
+                    progress["validated"] = finished
             if every_ckpt and done % every_ckpt == 0 and done < iterations:
                 self.checkpoint(done)
             on_progress("meta-train", done, iterations, progress)
