@@ -11,9 +11,10 @@ Sections:
             per second: per-task loop vs mx.vmap vs mx.compile vs both (median of 3);
             where an iteration's time goes (sampling, copying, building the graph, MLX
             dispatching it, the wait for its kernels, reading the loss; the trainer's
-            step; the graph's size); then
+            step and each thread's CPU time in it; the graph's size); then
             first and second order against the same MAML in JAX (bench/jax_maml.py, in
-            .bench/jax-venv), three alternating rounds, the median ratio
+            .bench/jax-venv), three alternating rounds, the median ratio and each
+            side's CPU time per meta-iteration
   sinusoid  jobs/sinusoid-maml.yaml end to end: MSE after 1 and 10 steps, 600 tasks
   digits    jobs/digits-*.yaml, five algorithms: 1-shot gain over random init and
             5-shot accuracy after the inner-loop step count, with 95% CIs
@@ -59,11 +60,13 @@ Sections:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -133,16 +136,17 @@ def bench_speed() -> dict:
     return out
 
 
-def bench_step_breakdown(iterations: int = 400) -> dict:
+def bench_step_breakdown(iterations: int = 400, steps: int = 2000) -> dict:
     """Where a sinusoid meta-iteration's time goes on the fastest path, second and first
     order: sampling the tasks (numpy), copying them into MLX, building the compiled
     step's graph (the call, lazy), MLX dispatching it (``mx.async_eval``: walking the
     graph, allocating each primitive's output and queueing its kernel, on the calling
     thread), the wait for the kernels still queued, reading the loss and gradient norm
-    back; each alone, one iteration at a time (medians, microseconds). Then the
-    trainer's own step in order, which queues each iteration behind the one before
-    (trainer.py), and the size of the step's graph before compilation fuses it
-    (primitives)."""
+    back; each alone, one iteration at a time (medians of ``iterations``, microseconds).
+    Then ``steps`` of the trainer's own step in order, which queues each iteration
+    behind the one before (trainer.py): its time, and the CPU time each thread spent
+    per step (the calling thread, MLX's stream thread, the task sampler; Linux only);
+    and the size of the step's graph before compilation fuses it (primitives)."""
     import io
 
     import mlx.core as mx
@@ -153,7 +157,7 @@ def bench_step_breakdown(iterations: int = 400) -> dict:
     for order, algorithm in (("second", "maml"), ("first", "fomaml")):
         spec = load_spec(ROOT / "jobs" / "sinusoid-maml.yaml",
                          ["runtime.mode=local", f"algorithm.name={algorithm}",
-                          f"algorithm.iterations={10 * iterations}", "eval.every=0"])
+                          f"algorithm.iterations={10 * steps}", "eval.every=0"])
         job = build_job(spec)
         trainer = MetaTrainer(job)
         for i in range(20):
@@ -181,10 +185,12 @@ def bench_step_breakdown(iterations: int = 400) -> dict:
                                             t6 - t5), strict=True):
                 parts[key].append(seconds)
         row = {k: 1e6 * statistics.median(v) for k, v in parts.items()}
-        start = time.perf_counter()
-        for i in range(20, 20 + iterations):
+        before, start = _thread_cpu(), time.perf_counter()
+        for i in range(20, 20 + steps):
             trainer.step(i)
-        row["step"] = 1e6 * (time.perf_counter() - start) / iterations
+        row["step"] = 1e6 * (time.perf_counter() - start) / steps
+        row.update({f"cpu_{role}": 1e6 * seconds / steps
+                    for role, seconds in _cpu_by_role(before, _thread_cpu()).items()})
         trainer.close()
         grad, loss = job.algorithm.batch_grad(job.initial_meta, job.loss_fn(), batch, inputs)
         dot = io.StringIO()
@@ -200,7 +206,50 @@ def bench_step_breakdown(iterations: int = 400) -> dict:
           "kernels queued are done; step: the trainer's, in order, the next iteration "
           "queued behind each; primitives: the step's graph before compilation fuses it)",
           flush=True)
+    if "cpu_caller" in out["second"]:
+        print("CPU per trainer step by thread (us): " + "; ".join(
+            f"{order} order: calling thread {row['cpu_caller']:.0f}, MLX's stream thread "
+            f"{row['cpu_mlx']:.0f}, task sampler {row['cpu_sampler']:.0f}"
+            for order, row in out.items()))
+        print("(MLX runs a CPU stream's kernels on a thread of its own, fed by the calling "
+              "thread's dispatch, which blocks while more than ~100 are queued; the "
+              "sampler prefetches the next iteration's tasks; all three share the cores)",
+              flush=True)
     return out
+
+
+def _thread_cpu() -> dict[int, float] | None:
+    """CPU seconds each thread of this process has used, by native thread id (Linux's
+    /proc; None elsewhere)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def _cpu_by_role(before: dict[int, float] | None,
+                 after: dict[int, float] | None) -> dict[str, float]:
+    """The CPU seconds used between two :func:`_thread_cpu` readings: the calling
+    (main) thread's, the task sampler's and the rest (MLX's stream thread: no Python
+    thread but the two runs code here), empty where threads can't be read."""
+    if before is None or after is None:
+        return {}
+    python = {t.native_id: t.name for t in threading.enumerate()}
+    used = {"caller": 0.0, "sampler": 0.0, "mlx": 0.0}
+    for tid, seconds in after.items():
+        name = python.get(tid, "")
+        role = ("caller" if tid == threading.get_native_id() else
+                "sampler" if name.startswith("task-sampler") else
+                "mlx" if not name else None)
+        if role is not None:
+            used[role] += seconds - before.get(tid, 0.0)
+    return used
 
 
 JAX_VERSION = "0.10.2"
@@ -225,10 +274,11 @@ def _jax_python() -> Path | None:
     return python
 
 
-def _sinusoid_rate(iterations: int, overrides: list[str]) -> float:
+def _sinusoid_rate(iterations: int, overrides: list[str], cpu: list | None = None) -> float:
     """jobs/sinusoid-maml.yaml's meta-iterations per second in process, as a run reports
     them, after 10 warm-up steps (compilation, caches); ``overrides`` on top (default:
-    the fastest path, vmap + compile)."""
+    the fastest path, vmap + compile). ``cpu``, when given, gets the process's CPU
+    seconds per meta-iteration (all its threads) appended."""
     spec = load_spec(ROOT / "jobs" / "sinusoid-maml.yaml",
                      ["runtime.mode=local", f"algorithm.iterations={iterations}",
                       "eval.every=0", "eval.select=last", "checkpoint.every=0", *overrides])
@@ -236,7 +286,10 @@ def _sinusoid_rate(iterations: int, overrides: list[str]) -> float:
     trainer = MetaTrainer(job)
     for i in range(10):
         trainer.step(i)
+    start = time.process_time()
     summary, _ = meta_train(job, trainer, OUT / "tmp-run")
+    if cpu is not None:
+        cpu.append((time.process_time() - start) / iterations)
     return summary["iterations_per_second"]
 
 
@@ -252,18 +305,26 @@ def bench_against_jax(rounds: int = 3, iterations: int = 1500) -> dict:
     for order, algorithm in (("second", "maml"), ("first", "fomaml")):
         rows = []
         for _ in range(rounds):
-            ours = _sinusoid_rate(iterations, [f"algorithm.name={algorithm}"])
+            cpu: list[float] = []
+            ours = _sinusoid_rate(iterations, [f"algorithm.name={algorithm}"], cpu)
             run = subprocess.run([str(python), str(ROOT / "bench" / "jax_maml.py"),
                                   "--order", order, "--iterations", str(iterations)],
                                  capture_output=True, text=True, check=True)
-            theirs = json.loads(run.stdout.strip().splitlines()[-1])["iterations_per_second"]
-            rows.append({"metapeft": ours, "jax": theirs, "ratio": ours / theirs})
+            theirs = json.loads(run.stdout.strip().splitlines()[-1])
+            rows.append({"metapeft": ours, "jax": theirs["iterations_per_second"],
+                         "ratio": ours / theirs["iterations_per_second"],
+                         "metapeft_cpu_us": 1e6 * cpu[0],
+                         "jax_cpu_us": 1e6 * theirs["cpu_seconds_per_iteration"]})
         ratio = statistics.median(r["ratio"] for r in rows)
-        out[order] = {"rounds": rows, "median_ratio": ratio}
+        out[order] = {"rounds": rows, "median_ratio": ratio,
+                      "metapeft_cpu_us": statistics.median(r["metapeft_cpu_us"] for r in rows),
+                      "jax_cpu_us": statistics.median(r["jax_cpu_us"] for r in rows)}
         print(f"{order}-order MAML, meta-it/s per round: metapeft "
               + " / ".join(f"{r['metapeft']:.0f}" for r in rows) + ", JAX "
               + " / ".join(f"{r['jax']:.0f}" for r in rows)
-              + f"; median ratio {ratio:.2f}x (goal >= 1.0)", flush=True)
+              + f"; median ratio {ratio:.2f}x (goal >= 1.0); CPU per meta-iteration "
+              f"(all threads, median): metapeft {out[order]['metapeft_cpu_us']:.0f} us, "
+              f"JAX {out[order]['jax_cpu_us']:.0f} us", flush=True)
     return out
 
 
