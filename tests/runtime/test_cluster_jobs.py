@@ -72,7 +72,10 @@ def head(tmp_path_factory):
     token_file = home / ".ray" / "auth_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    port, dashboard_port = _free_port(), _free_port()
+    # Every Ray node's dashboard agent, the job server's, listens on 52365 unless told
+    # otherwise: a Ray another test runs meanwhile (the other test process) may hold it,
+    # and then this head's job server never takes a job.
+    port, dashboard_port, agent_port = _free_port(), _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # The job's entrypoint is `metapeft run`: this venv's bin must be on the head's PATH,
     # as the cluster's setup commands arrange on real nodes.
@@ -82,6 +85,7 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-agent-listen-port={agent_port}",
          "--node-ip-address=127.0.0.1", '--resources={"mlx": 1}', "--num-cpus=2",
          f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
