@@ -202,34 +202,40 @@ def run_job(spec: JobSpec, run_dir: Path, on_progress: Progress = no_progress,
 
 def build_while_joining(spec: JobSpec, address: str | None, resume: Checkpoint | None
                         ) -> tuple[Job, Any]:
-    """The job, and on the Ray runtime the cluster being joined meanwhile (the embedded
-    Ray starting: a runtime.connection.Connecting), else None. A resumed run keeps the
-    frozen base its meta-parameters were trained on (the checkpoint's) instead of
-    pretraining it again, and its meta-parameters come from the checkpoint, so it no
-    longer needs the run algorithm.hyper.init named."""
+    """The job (:func:`build_resumable`), and on the Ray runtime the cluster being
+    joined meanwhile (the embedded Ray starting: a runtime.connection.Connecting), else
+    None."""
     connecting = None
     if spec.runtime.mode != "local":
         from metapeft_dist.runtime.connection import Connecting
 
         connecting = Connecting(address, spec.runtime.workers)
     try:
-        try:
-            job = build_job(spec, None if resume is None else encode({"frozen": resume.frozen},
-                                                                      0))
-        except WireError as err:  # only a resumed run's frame: the checkpoint's frozen base
-            raise RunDirError(unfit(resume.path, "frozen base", str(err))) from None
-        if resume is not None:
-            want, got = TreeSpec.of(job.initial_meta), TreeSpec.of(resume.meta)
-            if want != got:
-                missing = sorted(set(want.entries) - set(got.entries))
-                other = sorted(k for k, v in got.entries.items() if want.entries.get(k) != v)
-                raise RunDirError(unfit(resume.path, "meta-parameters",
-                                        f"missing {missing}, not this job's {other}"))
+        return build_resumable(spec, resume), connecting
     except BaseException:
         if connecting is not None:
             connecting.abandon()
         raise
-    return job, connecting
+
+
+def build_resumable(spec: JobSpec, resume: Checkpoint | None) -> Job:
+    """The job. A resumed run keeps the frozen base its meta-parameters were trained on
+    (the checkpoint's) instead of pretraining it again, and its meta-parameters come
+    from the checkpoint, so it no longer needs the run algorithm.hyper.init named;
+    :class:`RunDirError` when the checkpoint's trees do not fit the job's model."""
+    if resume is None:
+        return build_job(spec)
+    try:
+        job = build_job(spec, encode({"frozen": resume.frozen}, 0))
+    except WireError as err:  # only the checkpoint's frozen base travels as a frame
+        raise RunDirError(unfit(resume.path, "frozen base", str(err))) from None
+    want, got = TreeSpec.of(job.initial_meta), TreeSpec.of(resume.meta)
+    if want != got:
+        missing = sorted(set(want.entries) - set(got.entries))
+        other = sorted(k for k, v in got.entries.items() if want.entries.get(k) != v)
+        raise RunDirError(unfit(resume.path, "meta-parameters",
+                                f"missing {missing}, not this job's {other}"))
+    return job
 
 
 def unfit(path: str, part: str, detail: str) -> str:

@@ -67,11 +67,10 @@ class RayWorker(Worker):
         arguments: Ray does not protect constructor arguments in the object store, an
         actor handle among them, for an actor's restarts (and logs an error for every
         such actor, ray#53727)."""
-        imported_at = time.time()  # the process has imported what it runs
+        imported_at = time.time()  # before waiting for the parameter server
         ps = ray.get_actor(ps_name)
         frozen_frame, files = ray.get(ps.job_assets.remote())
-        super().__init__(spec, frozen_frame, files)
-        self.imported_at = imported_at  # not after waiting for the parameter server
+        super().__init__(spec, frozen_frame, files, imported_at)
 
     def node_identity(self) -> dict[str, str]:
         return {"id": ray.get_runtime_context().get_node_id(), "host": platform.node(),

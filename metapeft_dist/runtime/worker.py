@@ -33,15 +33,16 @@ KEEP_INITS = 8  # evaluation inits a worker holds: a final evaluation's, the lat
 
 class Worker:
     def __init__(self, spec: dict[str, Any], frozen_frame: bytes | None = None,
-                 files: dict[str, bytes] | None = None):
+                 files: dict[str, bytes] | None = None, imported_at: float | None = None):
         """``frozen_frame``: the driver's frozen base (``Job.stored_frozen`` as a wire
         frame), so the worker does not pretrain it again nor read the run directory of
         ``algorithm.hyper.init``; without it the worker builds everything from the spec.
         ``files``: the task files the driver's job was built from (``Job.files``), parsed
         from memory, so they need not exist on this machine and nothing is written to
-        its disk (a worker killed by Ray leaves no copy of a user's texts behind)."""
+        its disk (a worker killed by Ray leaves no copy of a user's texts behind).
+        ``imported_at``: when its process had imported what it runs (by default, now)."""
         t0 = time.perf_counter()
-        self.imported_at = time.time()  # its imports done: the constructor starts
+        self.imported_at = time.time() if imported_at is None else imported_at
         self.spec = from_dict(spec)
         self.job = build_job(self.spec, frozen_frame, files)
         self.tree_spec = TreeSpec.of(self.job.initial_meta)
