@@ -133,6 +133,8 @@ BAD = [
     (MINIMAL + "\nfamily: {name: digits}", "", "key 'family' is given twice"),
     ("family: {name: sinusoid, name: digits}\nalgorithm: {name: maml}", "",
      "key 'name' is given twice"),
+    ("{{}}", "", "a key must be a plain value, not a mapping"),  # found by the fuzz test
+    ("{[a]: 1}", "", "a key must be a plain value, not a list"),
 ]
 
 

@@ -19,12 +19,19 @@ from metapeft_dist.config.schema import JobSpec
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants a dot: 1.0e-3) and refuses
-    a key given twice in one mapping (YAML keeps the last one silently)."""
+    a key given twice in one mapping (YAML keeps the last one silently) or one that is
+    itself a mapping or a list."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a mapping or a list as a key: `{{}: 1}`, `{[a]: 1}`
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not {_type_name(key)}",
+                    key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark)
