@@ -66,12 +66,24 @@ def connect(address: str | None, workers: int | None) -> bool:
     return True
 
 
-class _MainThreadNote(logging.Filter):
-    """Drops ray.init's note that it set no SIGTERM handler off the main thread:
-    :meth:`Connecting.result` sets the same handler there."""
+class _StartNotes(logging.Filter):
+    """Drops two of ray.init's warnings that ask nothing of a user: that it set no
+    SIGTERM handler off the main thread (:meth:`Connecting.result` sets the same
+    handler there), and, for the embedded Ray, that it turned on token authentication,
+    Ray's default for a new local cluster (it stays on)."""
+
+    LOGGERS = ("ray._private.worker",
+               "ray._private.authentication.authentication_token_setup")
+
+    def __init__(self, embedded: bool):
+        super().__init__()
+        self.notes = ["SIGTERM handler is not set"]
+        if embedded:
+            self.notes.append("Token authentication is enabled for this Ray cluster")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
+        message = record.getMessage()
+        return not any(note in message for note in self.notes)
 
 
 class Connecting:
@@ -96,9 +108,9 @@ class Connecting:
         self._thread.start()
 
     def _run(self, address: str | None, workers: int | None) -> None:
-        note = _MainThreadNote()
-        logger = logging.getLogger("ray._private.worker")
-        logger.addFilter(note)
+        notes = _StartNotes(embedded=not address)
+        for name in notes.LOGGERS:
+            logging.getLogger(name).addFilter(notes)
         try:
             import ray
 
@@ -107,7 +119,8 @@ class Connecting:
         except BaseException as err:  # raised on the main thread by result()
             self._error = err
         finally:
-            logger.removeFilter(note)
+            for name in notes.LOGGERS:
+                logging.getLogger(name).removeFilter(notes)
             self.finished = time.time()
             self._joined.set()
         if self._error is None:

@@ -98,16 +98,19 @@ def test_the_embedded_default_starts_its_own_ray_beside_another(cluster):
     """With this module's 3-node cluster running on the machine (it is Ray's "latest
     cluster" here), a job without --address still gets an embedded Ray of its own, with
     the `mlx` resources it asked for, instead of joining that cluster (where ray.init
-    refused the resources and the job died)."""
-    code = ("import ray; from metapeft_dist.runtime.connection import connect; "
-            "started = connect(None, 2); "
-            "print(started, ray.cluster_resources().get('mlx'), len(ray.nodes())); "
-            "ray.shutdown()")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    refused the resources and the job died). Ray's note that it turned on token
+    authentication is not printed; the authentication stays on."""
+    code = ("import os, ray; from metapeft_dist.runtime.connection import Connecting; "
+            "connecting = Connecting(None, 2); started = connecting.result(); "
+            "print(started, ray.cluster_resources().get('mlx'), len(ray.nodes()), "
+            "os.environ.get('RAY_AUTH_MODE')); "
+            "ray.shutdown(); connecting.release()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["True", "2.0", "1"]
+    assert out.stdout.split() == ["True", "2.0", "1", "token"]
+    assert "Token authentication" not in out.stderr, out.stderr[-2000:]
 
 
 def test_sync_is_bitwise_identical_for_1_2_3_workers(cluster, reference, tmp_path):
