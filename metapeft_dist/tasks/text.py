@@ -24,7 +24,8 @@ topics, meta-val computers, drugs, literature, medicine, miscellaneous, riddles;
 art, cookie, disclaimer, food, linux, people, perl, tao, zippy.
 
 Users' tasks (``jsonl``, ``family.path`` a directory): each ``*.jsonl`` file is one task,
-its lines ``{"text": str, "label": str or int}``; an episode picks one file of its split,
+its lines ``{"text": str, "label": str or int}`` in UTF-8 (a leading byte-order mark is
+skipped); an episode picks one file of its split,
 ``ways`` of that file's labels and ``shots + query`` texts of each. Files are split by
 name: sorted, the last 25% (at least one) are meta-test, the 15% (at least one) before
 them meta-val, the rest meta-train; name the files you want held out so they sort last.
@@ -33,9 +34,9 @@ Mistakes in a file raise :class:`ConfigError` naming ``file:line``.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -164,34 +165,58 @@ def _fail(file: str, line: int, message: str) -> ConfigError:
     return ConfigError([(f"{file}:{line}", message)])
 
 
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate(value: str) -> int:
+    return next(ord(c) for c in value if 0xD800 <= ord(c) <= 0xDFFF)
+
+
 def read_task(name: str, content: bytes, shown: str, texts: list[str], labels: list[int],
               names: list[str]) -> JsonlTask:
     """Appends the texts of one task file (its ``name`` and ``content``) to the corpus
     lists; its labels become new categories."""
     local: dict[tuple[type, object], int] = {}
     first_lines, line_no = [], 0
-    with io.TextIOWrapper(io.BytesIO(content), encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _fail(shown, line_no, f"not JSON: {e.msg}") from None
-            if not isinstance(row, dict) or "text" not in row or "label" not in row:
-                raise _fail(shown, line_no, 'expected an object {"text": ..., "label": ...}')
-            text, label = row["text"], row["label"]
-            if not isinstance(text, str) or not text.strip():
-                raise _fail(shown, line_no, f"text must be a non-empty string, got {text!r}")
-            if isinstance(label, bool) or not isinstance(label, (str, int)):
-                raise _fail(shown, line_no, f"label must be a string or an integer, got "
-                                            f"{label!r}")
-            if (type(label), label) not in local:
-                local[(type(label), label)] = len(names)
-                names.append(f"{name}:{label}")
-                first_lines.append(line_no)
-            texts.append(text)
-            labels.append(local[(type(label), label)])
+    if content.startswith(codecs.BOM_UTF8):  # as editors that save "UTF-8 with BOM" do
+        content = content[len(codecs.BOM_UTF8):]
+    for line_no, raw in enumerate(content.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _fail(shown, line_no, f"not UTF-8 text: byte {raw[e.start]:#04x} is byte "
+                                        f"{e.start + 1} of the line") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _fail(shown, line_no, f"not JSON: {e.msg}") from None
+        if not isinstance(row, dict) or "text" not in row or "label" not in row:
+            raise _fail(shown, line_no, 'expected an object {"text": ..., "label": ...}')
+        text, label = row["text"], row["label"]
+        if not isinstance(text, str) or not text.strip():
+            raise _fail(shown, line_no, f"text must be a non-empty string, got {text!r}")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise _fail(shown, line_no, f"label must be a string or an integer, got "
+                                        f"{label!r}")
+        for field, value in (("text", text), ("label", label)):
+            # JSON's escapes can spell half of a UTF-16 pair, which is no text: a
+            # tokenizer would refuse it later, far from this line
+            if isinstance(value, str) and not _is_text(value):
+                raise _fail(shown, line_no, f"{field} holds an unpaired surrogate escape "
+                                            f"(\\u{_surrogate(value):04x}), not text")
+        if (type(label), label) not in local:
+            local[(type(label), label)] = len(names)
+            names.append(f"{name}:{label}")
+            first_lines.append(line_no)
+        texts.append(text)
+        labels.append(local[(type(label), label)])
     if len(local) < 2:
         raise _fail(shown, line_no, f"a task needs at least 2 labels, this file has "
                                     f"{len(local)}")

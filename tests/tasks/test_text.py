@@ -5,6 +5,7 @@ and every kind of bad file is one ConfigError line naming file:line."""
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import importlib.util
 import json
@@ -22,7 +23,7 @@ from metapeft_dist.tasks import make_family
 from metapeft_dist.tasks.base import TaskKey, sample_batch
 from metapeft_dist.tasks.catalog import FAMILIES, SPLITS
 from metapeft_dist.tasks.text import (DATA_FILE, load_shipped, shipped_corpus, split_categories,
-                                      split_counts, split_files)
+                                      read_task, split_counts, split_files)
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILDER = ROOT / "scripts" / "build_text_data.py"
@@ -225,6 +226,12 @@ BAD_FILES = {
     "one label": (rows("z", ["x"], 8), 8, "at least 2 labels"),
     "too few examples": (GOOD + [{"text": "new", "label": "rare"}], 13, "label 'rare' has 1"),
     "too few labels for ways": (GOOD, 12, "2 labels, fewer than ways = 3"),
+    # a file saved as Latin-1: "café" with é as the one byte 0xe9
+    "not UTF-8": ([GOOD[0], b'{"text": "caf\xe9", "label": "x"}'], 2,
+                  "not UTF-8 text: byte 0xe9 is byte 14 of the line"),
+    # JSON's escape for half of an emoji's UTF-16 pair
+    "unpaired surrogate": ([GOOD[0], '{"text": "half an emoji \\ud83d", "label": "x"}'], 2,
+                           "text holds an unpaired surrogate escape (\\ud83d), not text"),
 }
 
 
@@ -232,7 +239,9 @@ BAD_FILES = {
 def test_bad_jsonl_is_one_config_error_naming_file_and_line(task_dir, case):
     lines, line_no, message = BAD_FILES[case]
     bad = task_dir / "e_bad.jsonl"
-    bad.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in lines))
+    bad.write_bytes(b"".join((r if isinstance(r, bytes) else
+                              (r if isinstance(r, str) else json.dumps(r)).encode()) + b"\n"
+                             for r in lines))
     ways = 3 if case == "too few labels for ways" else 2
     with pytest.raises(ConfigError) as err:
         make_family(FamilySpec(name="jsonl", path=str(task_dir), ways=ways, shots=2, query=3))
@@ -240,6 +249,20 @@ def test_bad_jsonl_is_one_config_error_naming_file_and_line(task_dir, case):
     assert len(err.value.errors) == 1 and "\n" not in text
     assert text.startswith(f"{bad}:{line_no}: "), text
     assert message in text
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_read_as_plain_jsonl():
+    """Files saved as "UTF-8 with BOM" and with Windows line ends hold the same task."""
+    plain = "".join(json.dumps(r) + "\n" for r in GOOD).encode()
+    read = []
+    for content in (plain, codecs.BOM_UTF8 + plain.replace(b"\n", b"\r\n")):
+        texts, labels, names = [], [], []
+        task = read_task("t.jsonl", content, "t.jsonl", texts, labels, names)
+        read.append((task, texts, labels, names))
+    assert read[0] == read[1]
+    task, texts, labels, names = read[0]
+    assert texts == [r["text"] for r in GOOD] and names == ["t.jsonl:x", "t.jsonl:y"]
+    assert labels == [0, 1] * 6 and task.last_line == 12
 
 
 def test_jsonl_directory_errors_name_the_field(tmp_path):
