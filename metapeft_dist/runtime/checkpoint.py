@@ -3,11 +3,12 @@ safetensors file, written atomically and checked on load.
 
 Layout: tensors ``meta/<group>/<name>``, ``opt/<path>``, ``frozen/<name>`` and, when
 meta-validation selects an init, ``best/<group>/<name>`` (so a resumed run knows the best
-init so far without any other file); metadata
-``format``, ``iteration``, ``sha256`` (over every tensor's name, dtype, shape and
-bytes, in name order) and free-form ``info`` (JSON). A write goes to a temporary file
-that is fsynced and renamed over the target, so a crash leaves either the old file or
-the new one, never a torn one; a file whose checksum does not match is refused.
+init so far without any other file); metadata ``format``, ``iteration``, ``sha256``
+(over every tensor's name, dtype, shape and bytes, in name order), free-form ``info``
+(JSON) and ``order`` (the tensors' names in their trees' order, which a load restores;
+a file without it loads in name order). A write goes to a temporary file that is
+fsynced and renamed over the target, so a crash leaves either the old file or the new
+one, never a torn one; a file whose checksum does not match is refused.
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ def save_checkpoint(path: str | Path, iteration: int, meta: Meta,
         for name, value in flatten(tree, prefix).items():
             arrays[name] = value if isinstance(value, mx.array) else mx.array(value)
     mx.eval(arrays)
+    # the trees' key order: safetensors keeps none, and a tree's order is the order of
+    # sums over it (the global gradient norm), so a resumed run needs it for equal bits
     metadata = {"format": FORMAT, "iteration": str(iteration), "sha256": checksum(arrays),
-                "info": json.dumps(info or {}, sort_keys=True)}
+                "info": json.dumps(info or {}, sort_keys=True),
+                "order": json.dumps(list(arrays))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.safetensors")
     mx.save_safetensors(str(tmp), arrays, metadata)
@@ -103,9 +107,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         iteration = int(metadata["iteration"])
         info = json.loads(metadata.get("info", "{}"))
-    except (KeyError, ValueError) as err:
+        # written without an order (before it was kept): the names' sorted order
+        order = json.loads(metadata["order"]) if "order" in metadata else sorted(arrays)
+        if not isinstance(order, list) or sorted(order) != sorted(arrays):
+            raise ValueError("its order does not name its arrays")
+    except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path} has bad metadata: {err}") from None
-    tree = unflatten(arrays)
+    tree = unflatten({name: arrays[name] for name in order})
     return Checkpoint(iteration, tree.get("meta", {}), tree.get("opt", {}),
                       tree.get("frozen", {}), info, tree.get("best"), str(path))
 

@@ -39,6 +39,23 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert mx.array_equal(ck.optimizer_state["params"]["hidden0.w"]["v"],
                           opt_state["params"]["hidden0.w"]["v"])
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    # the trees come back in their own key order, not the file's sorted one
+    assert list(ck.meta) == ["params", "lr"] and list(ck.meta["params"]) == ["hidden0.w",
+                                                                             "head.b"]
+
+
+def test_a_checkpoint_without_its_order_loads_sorted_and_a_bad_order_is_refused(tmp_path):
+    meta, opt_state, frozen = _state()
+    path = save_checkpoint(tmp_path / "c.safetensors", 1, meta, opt_state, frozen)
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    older = tmp_path / "older.safetensors"  # as written before the order was kept
+    mx.save_safetensors(str(older), arrays, {k: v for k, v in metadata.items() if k != "order"})
+    assert list(load_checkpoint(older).meta["params"]) == ["head.b", "hidden0.w"]
+    for order in ('["meta/params/head.b"]', "[1, 2]", "{}", "[]", "not json"):
+        bad = tmp_path / "bad.safetensors"
+        mx.save_safetensors(str(bad), arrays, {**metadata, "order": order})
+        with pytest.raises(CheckpointError, match="has bad metadata"):
+            load_checkpoint(bad)
 
 
 def test_restored_optimizer_state_continues_identically(tmp_path):
