@@ -21,6 +21,11 @@ from metapeft_dist.tree import Meta
 TEXT_KINDS = ("encoder", "causal_lm")
 
 
+class RunDirError(RuntimeError):
+    """A run directory cannot be used as asked (already holds a run, nothing to resume,
+    a damaged history)."""
+
+
 class AdaptError(ValueError):
     """The run or the task cannot be adapted: one line (exit status 2)."""
 

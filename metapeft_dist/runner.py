@@ -34,6 +34,7 @@ from metapeft_dist.cost import SpendMeter, cost_summary
 from metapeft_dist.evaluate import Progress, evaluate_job, no_progress
 from metapeft_dist.job import Init, Job, build_job, with_family_path
 from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics, push_outcome
+from metapeft_dist.rundir import RunDirError
 from metapeft_dist.runtime.checkpoint import Checkpoint
 from metapeft_dist.trainer import MetaTrainer
 from metapeft_dist.training import Executor, meta_train
@@ -67,10 +68,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-class RunDirError(RuntimeError):
-    """A run directory cannot be used as asked (already holds a run, nothing to resume)."""
 
 
 def make_executor(job: Job, address: str | None, resume: Checkpoint | None,

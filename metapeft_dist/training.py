@@ -18,6 +18,7 @@ before it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -27,6 +28,7 @@ from metapeft_dist.cost import SpendMeter
 from metapeft_dist.evaluate import LocalScorer, Pending, Progress, Scorer, no_progress
 from metapeft_dist.job import Init, Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
+from metapeft_dist.rundir import RunDirError
 from metapeft_dist.sweeps import Piece, assemble, pieces
 from metapeft_dist.runtime.checkpoint import (Checkpoint, checkpoint_path, prune_checkpoints,
                                              save_checkpoint)
@@ -53,26 +55,64 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+HISTORY_KINDS = ("curve", "validation")
+
+
+def _history_entry(path: Path, number: int, line: bytes) -> dict[str, Any]:
+    try:
+        entry = json.loads(line)
+        if not isinstance(entry, dict) or entry.get("kind") not in HISTORY_KINDS:
+            raise ValueError(f"kind is not one of {', '.join(HISTORY_KINDS)}")
+        if isinstance(entry.get("iteration"), bool) or not isinstance(entry.get("iteration"),
+                                                                       int):
+            raise ValueError("no integer iteration")
+    except ValueError as err:  # json's errors among them
+        raise RunDirError(f"{path}:{number}: not a history entry ({err})") from None
+    return entry
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The entries of a run's history.jsonl, in order. Each entry is written whole,
+    newline last, so a last line without one that is no entry was cut short when the
+    run stopped: it is left out. Any other line that is no entry is a
+    :class:`RunDirError` naming ``path:line``."""
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()  # what follows the last newline: nothing, unless cut short
+    entries = [_history_entry(path, number, line)
+               for number, line in enumerate(lines, start=1) if line.strip()]
+    if tail.strip():
+        try:
+            entries.append(_history_entry(path, len(lines) + 1, tail))
+        except RunDirError:
+            pass
+    return entries
+
+
 class History:
     """The training curve and meta-validation scores, one JSON line per entry in
     RUN_DIR/history.jsonl, so a resumed run keeps what came before its checkpoint."""
 
     def __init__(self, path: Path, resume_at: int | None, redo_validation: int | None = None):
         """``redo_validation``: an iteration whose validation the resumed run does again
-        (it was out when its checkpoint was written), so its entry is not kept."""
+        (it was out when its checkpoint was written), so its entry is not kept. The kept
+        entries replace the file at once (written beside it, then renamed), so a stop
+        while they are written leaves the old history whole."""
         self.path = path
         self.curve: list[dict[str, Any]] = []
         self.validation: list[dict[str, Any]] = []
-        if resume_at is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                entry = json.loads(line)
-                if entry["iteration"] <= resume_at and not (
-                        entry["kind"] == "validation" and entry["iteration"] == redo_validation):
-                    getattr(self, entry.pop("kind")).append(entry)
-        self._file = open(path, "w")
-        for kind in ("curve", "validation"):
-            for entry in getattr(self, kind):
-                self._write(kind, entry)
+        kept = [] if resume_at is None or not path.is_file() else [
+            entry for entry in read_history(path) if entry["iteration"] <= resume_at and not (
+                entry["kind"] == "validation" and entry["iteration"] == redo_validation)]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            for entry in kept:  # in their order, as an uninterrupted run wrote them
+                f.write(json.dumps(entry) + "\n")
+                kind = entry.pop("kind")
+                getattr(self, kind).append(entry)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._file = open(path, "a")
 
     def _write(self, kind: str, entry: dict[str, Any]) -> None:
         self._file.write(json.dumps({"kind": kind, **entry}) + "\n")

@@ -128,6 +128,59 @@ def test_final_checkpoint_equals_an_identical_rerun(tmp_path, tiny_spec_text, lo
     assert a["evaluation"]["shots"] == b["evaluation"]["shots"]
 
 
+def test_a_resumed_run_with_clipping_has_the_same_bits_and_history(tmp_path, tiny_spec_text):
+    """A run resumed from a checkpoint, with outer.clip_norm (a sum over the gradient's
+    tree, in its key order), ends bitwise equal to the uninterrupted one, and writes the
+    same history.jsonl byte for byte, though the history was cut mid-line when the run
+    stopped."""
+    import shutil
+
+    spec = parse_spec(tiny_spec_text, overrides=[
+        "runtime.mode=local", "outer.clip_norm=0.3", "algorithm.iterations=60",
+        "checkpoint.every=30", "eval.every=0", "eval.select=last", "metrics.enabled=false"])
+    whole = run_job(spec, tmp_path / "whole")
+    norms = [entry["grad_norm"] for entry in whole["meta_training"]["curve"]]
+    assert sum(norm > 0.3 for norm in norms) > 30  # most steps were clipped
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    (cut / "checkpoints" / "ckpt-00000060.safetensors").unlink()
+    (cut / "results.json").unlink()
+    history = (cut / "history.jsonl").read_bytes()
+    (cut / "history.jsonl").write_bytes(history[:history.index(b'"iteration": 45,') + 9])
+    resumed = run_job(spec, cut, resume=load_checkpoint(cut / "checkpoints" /
+                                                        "ckpt-00000030.safetensors"))
+    assert resumed["meta_training"]["curve"] == whole["meta_training"]["curve"]
+    assert (cut / "history.jsonl").read_bytes() == history
+    a = load_checkpoint(whole["meta_training"]["checkpoint"]).meta["params"]
+    b = load_checkpoint(resumed["meta_training"]["checkpoint"]).meta["params"]
+    assert list(a) == list(b) and all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_history_line_that_is_no_entry_is_named_and_the_history_kept(tmp_path):
+    from metapeft_dist.rundir import RunDirError
+    from metapeft_dist.training import History
+
+    path = tmp_path / "history.jsonl"
+    lines = [json.dumps({"kind": "curve", "iteration": i, "loss": 1.0}) for i in (1, 2, 3)]
+    for bad, why in (('{"kind": "curve", "iter', "Unterminated string"),
+                     ('{"kind": "other", "iteration": 2}', "kind is not one of"),
+                     ('{"kind": "curve", "iteration": "2"}', "no integer iteration"),
+                     ('[1, 2]', "kind is not one of")):
+        text = "\n".join([lines[0], bad, lines[2]]) + "\n"
+        path.write_text(text)
+        with pytest.raises(RunDirError, match=rf"^{re.escape(str(path))}:2: not a history "
+                                              rf"entry \(.*{why}"):
+            History(path, resume_at=3)
+        assert path.read_text() == text
+    # the same cut short as the last line, where a stop mid-write leaves it: left out
+    path.write_text("\n".join(lines[:2]) + '\n{"kind": "curve", "iter')
+    history = History(path, resume_at=3)
+    history.add("curve", {"iteration": 3, "loss": 1.0})
+    history.close()
+    assert path.read_text() == "\n".join(lines) + "\n"
+    assert [entry["iteration"] for entry in history.curve] == [1, 2, 3]
+
+
 def test_a_resumed_run_keeps_its_frozen_base_and_needs_no_init_run(tmp_path, tiny_digits_text):
     """Resuming takes the frozen base from the checkpoint (the one the meta-parameters
     were trained on) instead of pretraining it again, and no longer reads the run that
