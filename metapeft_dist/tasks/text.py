@@ -25,11 +25,11 @@ art, cookie, disclaimer, food, linux, people, perl, tao, zippy.
 
 Users' tasks (``jsonl``, ``family.path`` a directory): each ``*.jsonl`` file is one task,
 its lines ``{"text": str, "label": str or int}`` in UTF-8 (a leading byte-order mark is
-skipped); an episode picks one file of its split,
-``ways`` of that file's labels and ``shots + query`` texts of each. Files are split by
-name: sorted, the last 25% (at least one) are meta-test, the 15% (at least one) before
-them meta-val, the rest meta-train; name the files you want held out so they sort last.
-Mistakes in a file raise :class:`ConfigError` naming ``file:line``.
+skipped); an episode picks one file of its split, ``ways`` of that file's labels and
+``shots + query`` texts of each. Files are split by name: sorted, the last 25% (at least
+one) are meta-test, the 15% (at least one) before them meta-val, the rest meta-train;
+name the files you want held out so they sort last. Mistakes in a file raise
+:class:`ConfigError` naming ``file:line``.
 """
 
 from __future__ import annotations
