@@ -62,12 +62,17 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as ``path``, whole or not at all (the temporary is removed on failure)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
@@ -283,11 +288,14 @@ def open_run_dir(spec: JobSpec, job: Job, run_dir: Path, resume: Checkpoint | No
 def end_run(spec: JobSpec, run_dir: Path, metrics: JobMetrics, server: MetricsServer | None,
             outcome: dict[str, Any], log: Callable[[str], None]) -> None:
     """However the run ended: its outcome recorded (metrics, outcome.json, the
-    Pushgateway when one is set; a failure to push is logged, not raised), the metrics
-    server stopped after ``metrics.linger``."""
+    Pushgateway when one is set; a failure to write outcome.json or to push is logged,
+    not raised), the metrics server stopped after ``metrics.linger``."""
     metrics.job_ended(outcome["status"])
     if run_dir.is_dir():
-        write_json_atomic(run_dir / "outcome.json", outcome)
+        try:
+            write_json_atomic(run_dir / "outcome.json", outcome)
+        except OSError as err:  # a full disk: the error that ended the run goes on
+            log(f"could not write {run_dir / 'outcome.json'}: {err.strerror or err}")
     if server is not None:
         server.stop(spec.metrics.linger)
     if spec.metrics.pushgateway:

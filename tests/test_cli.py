@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,6 +128,44 @@ def test_a_run_directory_is_never_overwritten(tmp_path):
     out = _cli("run", str(JOBS / "quickstart.yaml"), "--run-dir", str(run))
     assert out.returncode == 2 and "already holds a run" in out.stderr
     assert (run / "checkpoints" / "ckpt-00000010.safetensors").read_bytes() == b"precious"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_run_resumable(
+        tmp_path, tiny_spec_text):
+    """A checkpoint that cannot be written (here its temporary file is /dev/full, which
+    answers every write with ENOSPC, as a full disk does) ends the run with one line
+    naming it and how to continue; no temporary is left and the checkpoints before it
+    are intact."""
+    import shutil
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(tiny_spec_text)
+    whole = tmp_path / "whole"
+    out = _cli("run", str(spec), "--run-dir", str(whole), "--set", "runtime.mode=local",
+               "--set", "checkpoint.keep=3", "-q", "--json")
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    for name in ("ckpt-00000020.safetensors", "ckpt-00000030.safetensors"):
+        (run / "checkpoints" / name).unlink()
+    (run / "results.json").unlink()
+    os.symlink("/dev/full", run / "checkpoints" / ".ckpt-00000020.tmp.safetensors")
+    kept = (run / "checkpoints" / "ckpt-00000010.safetensors").read_bytes()
+    out = _cli("run", "--resume", str(run), "-q")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    target = run / "checkpoints" / "ckpt-00000020.safetensors"
+    assert re.fullmatch(
+        rf"error: the job failed: cannot write checkpoint {re.escape(str(target))}: .+ "
+        rf"\(\d+\.\d MiB free on its disk\); its checkpoints are kept: continue with "
+        rf"metapeft run --resume {re.escape(str(run))}", out.stderr.strip().splitlines()[-1]
+    ), out.stderr
+    assert out.stderr.count("error") == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best.safetensors", "ckpt-00000010.safetensors"]
+    assert (run / "checkpoints" / "ckpt-00000010.safetensors").read_bytes() == kept
+    outcome = json.loads((run / "outcome.json").read_text())
+    assert outcome["status"] == "failed" and "cannot write checkpoint" in outcome["error"]
 
 
 def _walk(command, path=()):

@@ -3,7 +3,9 @@ the checkpoint and the printed table."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from dataclasses import replace
 
@@ -179,6 +181,20 @@ def test_a_history_line_that_is_no_entry_is_named_and_the_history_kept(tmp_path)
     history.close()
     assert path.read_text() == "\n".join(lines) + "\n"
     assert [entry["iteration"] for entry in history.curve] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_json_write_that_fails_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from metapeft_dist.runner import write_json_atomic
+
+    path = tmp_path / "outcome.json"
+    write_json_atomic(path, {"status": "running"})
+    os.symlink("/dev/full", tmp_path / ".outcome.json.tmp")  # every write: ENOSPC
+    with pytest.raises(OSError) as err:
+        write_json_atomic(path, {"status": "failed"})
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outcome.json"]
+    assert json.loads(path.read_text()) == {"status": "running"}
 
 
 def test_a_resumed_run_keeps_its_frozen_base_and_needs_no_init_run(tmp_path, tiny_digits_text):

@@ -31,6 +31,7 @@ class _ProgressPrinter:
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self.run_dir: str | None = None  # once the run has one
         self.bar = None
         self.shown = 0
         # In a submitted job stderr is a log file: a bar would print once, so print a
@@ -38,6 +39,8 @@ class _ProgressPrinter:
         self.lines = not sys.stderr.isatty()
 
     def __call__(self, stage: str, done: int, total: int, info: dict[str, Any]) -> None:
+        if stage == "setup":
+            self.run_dir = info["run_dir"]
         if self.quiet:
             return
         if stage == "setup":
@@ -96,6 +99,7 @@ def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: 
             fail_usage(str(err))
     from metapeft_dist.results import format_table
     from metapeft_dist.runner import RunDirError
+    from metapeft_dist.runtime.checkpoint import CheckpointError, list_checkpoints
     from metapeft_dist.runtime.errors import ClusterError, StallError
 
     progress = _ProgressPrinter(quiet or as_json)
@@ -118,10 +122,19 @@ def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: 
     except StallError as err:
         click.echo(f"error: the job failed: {err}", err=True)
         sys.exit(EXIT_FAILED)
+    except (CheckpointError, OSError) as err:  # a full disk, a run directory not writable
+        reason = err if isinstance(err, CheckpointError) or not err.strerror else (
+            f"{err.strerror}: {err.filename}" if err.filename else err.strerror)
+        where = progress.run_dir or resume_dir or run_dir
+        hint = ""
+        if where is not None and list_checkpoints(f"{where}/checkpoints"):
+            hint = f"; its checkpoints are kept: continue with metapeft run --resume {where}"
+        click.echo(f"error: the job failed: {reason}{hint}", err=True)
+        sys.exit(EXIT_FAILED)
     except (KeyboardInterrupt, SystemExit) as err:
         if isinstance(err, SystemExit) and err.code != signal.SIGTERM:
             raise
-        where = resume_dir or run_dir or "its run directory"
+        where = progress.run_dir or resume_dir or run_dir or "its run directory"
         click.echo(f"metapeft: stopped; continue with metapeft run --resume {where}",
                    err=True)
         sys.exit(EXIT_FAILED)
