@@ -95,6 +95,9 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
     steps = spec.eval.steps if steps is None else steps
     if steps < 0:
         raise AdaptError(f"steps must be >= 0, got {steps}")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "adapted" / Path(data).stem
+    if out.exists() and not out.is_dir():
+        raise AdaptError(f"cannot write the adapter to {out}: it is a file")
 
     corpus = SimpleNamespace(corpus=SimpleNamespace(texts=tuple(texts + held_texts)))
     model = build_model(spec.model, (), out_dim, corpus)
@@ -118,10 +121,13 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
         logits = model({**frozen, **params}, x)[..., :ways]
         return float(CLASSIFICATION.metric(logits, y))
 
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "adapted" / Path(data).stem
-    model.export(adapted, out)
-    (out / "labels.json").write_text(json.dumps(
-        {str(i): name for i, name in enumerate(names)}, indent=1) + "\n")
+    try:
+        model.export(adapted, out)
+        (out / "labels.json").write_text(json.dumps(
+            {str(i): name for i, name in enumerate(names)}, indent=1) + "\n")
+    except (OSError, RuntimeError) as err:  # a full disk (mlx raises RuntimeError), ...
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise AdaptError(f"cannot write the adapter to {out}: {reason}") from None
     report: dict[str, Any] = {
         "run_dir": str(run_dir), "init": source, "start_from": start_from,
         "task": str(data), "labels": names,

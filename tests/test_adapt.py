@@ -15,6 +15,7 @@ import pytest
 from tiny_llama import save_tiny_llama
 
 from metapeft_dist.config import parse_spec
+from metapeft_dist.models.export import ADAPTERS_FILE
 from metapeft_dist.runner import run_job
 
 from conftest import TOPICS
@@ -140,11 +141,22 @@ def test_bad_adapt_input_is_one_line(tmp_path, llama_run):
          "labels the task file"),
         (["--init", str(llama_run), "--data", str(good), "--steps", "-1"],
          "steps must be >= 0"),
+        (["--init", str(llama_run), "--data", str(good), "--out", str(three)],
+         f"cannot write the adapter to {three}: it is a file"),
     ]
+    if os.path.exists("/dev/full"):  # Linux: every write to it fails as on a full disk
+        full = tmp_path / "full"
+        full.mkdir()
+        os.symlink("/dev/full", full / ADAPTERS_FILE)
+        cases.append((["--init", str(llama_run), "--data", str(good), "--out", str(full)],
+                      f"cannot write the adapter to {full}: "))
     for args, phrase in cases:
         out = _cli("adapt", *args)
-        lines = out.stderr.strip().splitlines()
+        # progress notes ("metapeft: ...") may come before the error, nothing else
+        lines = [line for line in out.stderr.strip().splitlines()
+                 if not line.startswith("metapeft: ")]
         assert out.returncode == 2 and len(lines) == 1, (args, out.stderr)
+        assert "Traceback" not in out.stderr
         assert lines[0].startswith("error: ") and phrase in lines[0], (args, lines)
 
 
