@@ -277,7 +277,10 @@ def _workers(**where):
     from ray.util.state import list_actors
 
     filters = [("class_name", "=", "RayWorker")] + [(k, "=", v) for k, v in where.items()]
-    return list_actors(filters=filters, detail=True)
+    # this module's cluster by its address: without one, Ray's state API asks the newest
+    # Ray on the machine, which may be another test process's
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=filters,
+                       detail=True)
 
 
 def _chunks_by_pid(stats) -> dict[int, int]:
