@@ -45,9 +45,11 @@ def fit_learned_embedding(out: str | Path, families: Sequence[str] = ("wordnet",
     (default: all-MiniLM-L6-v2, top layer), and save it to ``out``."""
     from metapeft_dist.config import from_dict
     from metapeft_dist.config.schema import to_plain
-    from metapeft_dist.embed import learned, probe_from_job
+    from metapeft_dist.embed import ProbeError, learned, probe_from_job
     from metapeft_dist.job import build_job
 
+    if Path(out).is_dir():  # found now, not after the training
+        raise ProbeError(f"cannot save the learned embedding as {out}: it is a directory")
     model_spec = model_spec or default_encoder()
     sources, probe = [], None
     for name in families:

@@ -5,6 +5,7 @@ similarity rule with known answers, the outcome store, and `metapeft embed` /
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -217,6 +218,18 @@ def test_embed_a_task_file(tmp_path, encoder_run):
                 "handcrafted", "--out", str(tmp_path / "e.json"))
     assert hand.returncode == 0 and "18 numbers" in hand.stdout
     assert len(json.loads((tmp_path / "e.json").read_text())["embedding"]) == 18
+    # where the embedding cannot go: one line, and a folder is refused before any work
+    unwritable = [(tmp_path, f"--out {tmp_path} is a directory; give a file to write the "
+                             "embedding to")]
+    if os.path.exists("/dev/full"):  # Linux: every write to it fails as on a full disk
+        os.symlink("/dev/full", tmp_path / "full.json")
+        unwritable.append((tmp_path / "full.json",
+                           f"cannot write {tmp_path / 'full.json'}: No space left on device"))
+    for out, phrase in unwritable:
+        bad = _cli("embed", "--data", str(task), "--init", str(encoder_run), "--kind",
+                   "handcrafted", "--out", str(out))
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and lines == [f"error: {phrase}"], bad.stderr
 
 
 def test_fit_and_use_the_learned_embedding(tmp_path, encoder_run):
@@ -238,6 +251,9 @@ def test_fit_and_use_the_learned_embedding(tmp_path, encoder_run):
     assert other.returncode == 2 and "trained on the features of" in other.stderr
     both = _cli("embed", "--data", str(task), "--fit", str(net))
     assert both.returncode == 2 and "or --fit FILE" in both.stderr
+    folder = _cli("embed", "--fit", str(tmp_path), "--family", "wordnet", "--steps", "20")
+    assert folder.returncode == 2 and folder.stderr.strip().splitlines()[-1] == (
+        f"error: cannot save the learned embedding as {tmp_path}: it is a directory")
 
 
 def test_adapt_auto_chooses_and_says_why(tmp_path, encoder_run, hyper_run):

@@ -292,6 +292,8 @@ def embed(data: str | None, fit: str | None, families: tuple[str, ...], steps: i
     if (data is None) == (fit is None):
         fail_usage("give --data TASK.jsonl to embed a task, or --fit FILE to train the "
                    "learned embedding")
+    if out and Path(out).is_dir():
+        fail_usage(f"--out {out} is a directory; give a file to write the embedding to")
     try:
         if fit is not None:
             result = api.fit_embedding(fit, families or ("wordnet", "fortunes"), run_dir,
@@ -307,8 +309,11 @@ def embed(data: str | None, fit: str | None, families: tuple[str, ...], steps: i
                    f"{result['loss'][0]:.2f} -> {result['loss'][1]:.2f}: {result['file']}")
         return
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result) + "\n")
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(result) + "\n")
+        except OSError as err:  # a full disk, a folder not writable
+            fail_usage(f"cannot write {out}: {err.strerror or err}")
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from metapeft_dist.embed.probe import Probe, TaskSample
+from metapeft_dist.embed.probe import Probe, ProbeError, TaskSample
 from metapeft_dist.tree import Params
 
 FORMAT = "metapeft-task-embedding/1"
@@ -146,9 +146,14 @@ class LearnedEmbedder:
     def save(self, path: str | Path) -> Path:
         """The network as safetensors, with what it was trained on in its metadata."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(path), self.params,
-                            metadata={"format": FORMAT, "info": json.dumps(self.info)})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mx.save_safetensors(str(path), self.params,
+                                metadata={"format": FORMAT, "info": json.dumps(self.info)})
+        except (OSError, RuntimeError) as err:  # a full disk (mlx raises RuntimeError), ...
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise ProbeError(f"cannot save the learned embedding as {path}: {reason}") \
+                from None
         return path
 
     @classmethod
