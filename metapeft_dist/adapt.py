@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.algorithms import make_algorithm
+from metapeft_dist.files import failure_reason
 from metapeft_dist.job import TaskLoss
 from metapeft_dist.models import build_model, is_head
 from metapeft_dist.objectives import CLASSIFICATION
@@ -125,9 +126,9 @@ def adapt_task(run_dir: str | Path, data: str | Path, out_dir: str | Path | None
         model.export(adapted, out)
         (out / "labels.json").write_text(json.dumps(
             {str(i): name for i, name in enumerate(names)}, indent=1) + "\n")
-    except (OSError, RuntimeError) as err:  # a full disk (mlx raises RuntimeError), ...
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise AdaptError(f"cannot write the adapter to {out}: {reason}") from None
+    except (OSError, RuntimeError) as err:  # a full disk, a folder not writable
+        raise AdaptError(f"cannot write the adapter to {out}: {failure_reason(err)}") \
+            from None
     report: dict[str, Any] = {
         "run_dir": str(run_dir), "init": source, "start_from": start_from,
         "task": str(data), "labels": names,

@@ -32,6 +32,7 @@ import yaml
 from metapeft_dist.config import JobSpec
 from metapeft_dist.cost import SpendMeter, cost_summary
 from metapeft_dist.evaluate import Progress, evaluate_job, no_progress
+from metapeft_dist.files import failure_reason, write_atomic
 from metapeft_dist.job import Init, Job, build_job, with_family_path
 from metapeft_dist.metrics import JobMetrics, MetricsServer, NoMetrics, push_outcome
 from metapeft_dist.rundir import RunDirError
@@ -62,17 +63,7 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """``data`` as ``path``, whole or not at all (the temporary is removed on failure)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def make_executor(job: Job, address: str | None, resume: Checkpoint | None,
@@ -295,7 +286,7 @@ def end_run(spec: JobSpec, run_dir: Path, metrics: JobMetrics, server: MetricsSe
         try:
             write_json_atomic(run_dir / "outcome.json", outcome)
         except OSError as err:  # a full disk: the error that ended the run goes on
-            log(f"could not write {run_dir / 'outcome.json'}: {err.strerror or err}")
+            log(f"could not write {run_dir / 'outcome.json'}: {failure_reason(err)}")
     if server is not None:
         server.stop(spec.metrics.linger)
     if spec.metrics.pushgateway:

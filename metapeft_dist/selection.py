@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from metapeft_dist.embed import distance
+from metapeft_dist.files import write_atomic
 
 MIN_RECORDS = 20  # recorded tasks below which the predictor is not trusted
 NEIGHBOURS = 7
@@ -152,12 +152,7 @@ class OutcomeStore:
             return len(lines)
         self.read()  # refuses (and keeps) a file with a damaged line before rewriting it
         keep = (kept + lines)[-self.max_records:]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(keep))
         return len(lines)
 
     def _lines(self) -> list[str]:

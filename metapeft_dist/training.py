@@ -18,7 +18,6 @@ before it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from metapeft_dist.cost import SpendMeter
 from metapeft_dist.evaluate import LocalScorer, Pending, Progress, Scorer, no_progress
+from metapeft_dist.files import write_atomic
 from metapeft_dist.job import Init, Job
 from metapeft_dist.metrics import JobMetrics, NoMetrics
 from metapeft_dist.rundir import RunDirError
@@ -103,15 +103,10 @@ class History:
         kept = [] if resume_at is None or not path.is_file() else [
             entry for entry in read_history(path) if entry["iteration"] <= resume_at and not (
                 entry["kind"] == "validation" and entry["iteration"] == redo_validation)]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as f:
-            for entry in kept:  # in their order, as an uninterrupted run wrote them
-                f.write(json.dumps(entry) + "\n")
-                kind = entry.pop("kind")
-                getattr(self, kind).append(entry)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # in their order, as an uninterrupted run wrote them
+        write_atomic(path, "".join(json.dumps(entry) + "\n" for entry in kept))
+        for entry in kept:
+            getattr(self, entry.pop("kind")).append(entry)
         self._file = open(path, "a")
 
     def _write(self, kind: str, entry: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import click
 
 from metapeft_dist.cli.common import (EXIT_FAILED, fail_usage, overrides_option)
 from metapeft_dist.config import ConfigError
+from metapeft_dist.files import failure_reason
 
 
 def _raise_stopped(signum, frame) -> None:
@@ -123,8 +124,9 @@ def run(spec: str | None, run_dir: str | None, resume_dir: str | None, address: 
         click.echo(f"error: the job failed: {err}", err=True)
         sys.exit(EXIT_FAILED)
     except (CheckpointError, OSError) as err:  # a full disk, a run directory not writable
-        reason = err if isinstance(err, CheckpointError) or not err.strerror else (
-            f"{err.strerror}: {err.filename}" if err.filename else err.strerror)
+        reason = failure_reason(err)
+        if isinstance(err, OSError) and err.strerror and err.filename:
+            reason += f": {err.filename}"
         where = progress.run_dir or resume_dir or run_dir
         hint = ""
         if where is not None and list_checkpoints(f"{where}/checkpoints"):
@@ -313,7 +315,7 @@ def embed(data: str | None, fit: str | None, families: tuple[str, ...], steps: i
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(result) + "\n")
         except OSError as err:  # a full disk, a folder not writable
-            fail_usage(f"cannot write {out}: {err.strerror or err}")
+            fail_usage(f"cannot write {out}: {failure_reason(err)}")
     if as_json:
         click.echo(json.dumps(result))
         return

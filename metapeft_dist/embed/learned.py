@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from metapeft_dist.embed.probe import Probe, ProbeError, TaskSample
+from metapeft_dist.files import failure_reason
 from metapeft_dist.tree import Params
 
 FORMAT = "metapeft-task-embedding/1"
@@ -150,10 +151,9 @@ class LearnedEmbedder:
             path.parent.mkdir(parents=True, exist_ok=True)
             mx.save_safetensors(str(path), self.params,
                                 metadata={"format": FORMAT, "info": json.dumps(self.info)})
-        except (OSError, RuntimeError) as err:  # a full disk (mlx raises RuntimeError), ...
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            raise ProbeError(f"cannot save the learned embedding as {path}: {reason}") \
-                from None
+        except (OSError, RuntimeError) as err:  # a full disk, a folder not writable
+            raise ProbeError(f"cannot save the learned embedding as {path}: "
+                             f"{failure_reason(err)}") from None
         return path
 
     @classmethod

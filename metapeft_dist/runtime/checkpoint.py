@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from metapeft_dist.files import failure_reason
 from metapeft_dist.tree import Meta, Params, flatten, unflatten
 
 FORMAT = "metapeft-checkpoint/1"
@@ -88,9 +89,8 @@ def save_checkpoint(path: str | Path, iteration: int, meta: Meta,
     except (OSError, RuntimeError) as err:  # mlx raises RuntimeError when a write fails
         tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free / 2**20
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise CheckpointError(f"cannot write checkpoint {path}: {reason} ({free:.1f} MiB "
-                              f"free on its disk)") from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {failure_reason(err)} "
+                              f"({free:.1f} MiB free on its disk)") from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
