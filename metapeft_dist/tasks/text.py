@@ -165,16 +165,11 @@ def _fail(file: str, line: int, message: str) -> ConfigError:
     return ConfigError([(f"{file}:{line}", message)])
 
 
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _surrogate(value: str) -> int:
-    return next(ord(c) for c in value if 0xD800 <= ord(c) <= 0xDFFF)
+def _surrogate(value: str) -> int | None:
+    """A UTF-16 surrogate in ``value``, else None: JSON's escapes can spell half of a
+    pair (json.loads joins whole pairs into one character), which is no text, and a
+    tokenizer would refuse it later, far from its line."""
+    return next((ord(c) for c in value if 0xD800 <= ord(c) <= 0xDFFF), None)
 
 
 def read_task(name: str, content: bytes, shown: str, texts: list[str], labels: list[int],
@@ -206,11 +201,9 @@ def read_task(name: str, content: bytes, shown: str, texts: list[str], labels: l
             raise _fail(shown, line_no, f"label must be a string or an integer, got "
                                         f"{label!r}")
         for field, value in (("text", text), ("label", label)):
-            # JSON's escapes can spell half of a UTF-16 pair, which is no text: a
-            # tokenizer would refuse it later, far from this line
-            if isinstance(value, str) and not _is_text(value):
+            if isinstance(value, str) and (half := _surrogate(value)) is not None:
                 raise _fail(shown, line_no, f"{field} holds an unpaired surrogate escape "
-                                            f"(\\u{_surrogate(value):04x}), not text")
+                                            f"(\\u{half:04x}), not text")
         if (type(label), label) not in local:
             local[(type(label), label)] = len(names)
             names.append(f"{name}:{label}")
