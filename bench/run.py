@@ -121,7 +121,7 @@ def bench_speed() -> dict:
         rates = []
         for _ in range(3):
             rates.append(_sinusoid_rate(iterations, [f"run.batching={batching}",
-                                                     f"run.compile={compiled}"]))
+                                                     f"run.compile={compiled}"])[0])
         rate = statistics.median(rates)
         key = f"{batching}{'+compile' if compiled == 'true' else ''}"
         out[key] = {"iterations_per_second": rate, "runs": rates}
@@ -274,11 +274,11 @@ def _jax_python() -> Path | None:
     return python
 
 
-def _sinusoid_rate(iterations: int, overrides: list[str], cpu: list | None = None) -> float:
+def _sinusoid_rate(iterations: int, overrides: list[str]) -> tuple[float, float]:
     """jobs/sinusoid-maml.yaml's meta-iterations per second in process, as a run reports
     them, after 10 warm-up steps (compilation, caches); ``overrides`` on top (default:
-    the fastest path, vmap + compile). ``cpu``, when given, gets the process's CPU
-    seconds per meta-iteration (all its threads) appended."""
+    the fastest path, vmap + compile); and the process's CPU seconds per meta-iteration
+    (all its threads)."""
     spec = load_spec(ROOT / "jobs" / "sinusoid-maml.yaml",
                      ["runtime.mode=local", f"algorithm.iterations={iterations}",
                       "eval.every=0", "eval.select=last", "checkpoint.every=0", *overrides])
@@ -288,9 +288,7 @@ def _sinusoid_rate(iterations: int, overrides: list[str], cpu: list | None = Non
         trainer.step(i)
     start = time.process_time()
     summary, _ = meta_train(job, trainer, OUT / "tmp-run")
-    if cpu is not None:
-        cpu.append((time.process_time() - start) / iterations)
-    return summary["iterations_per_second"]
+    return summary["iterations_per_second"], (time.process_time() - start) / iterations
 
 
 def bench_against_jax(rounds: int = 3, iterations: int = 1500) -> dict:
@@ -305,15 +303,14 @@ def bench_against_jax(rounds: int = 3, iterations: int = 1500) -> dict:
     for order, algorithm in (("second", "maml"), ("first", "fomaml")):
         rows = []
         for _ in range(rounds):
-            cpu: list[float] = []
-            ours = _sinusoid_rate(iterations, [f"algorithm.name={algorithm}"], cpu)
+            ours, cpu = _sinusoid_rate(iterations, [f"algorithm.name={algorithm}"])
             run = subprocess.run([str(python), str(ROOT / "bench" / "jax_maml.py"),
                                   "--order", order, "--iterations", str(iterations)],
                                  capture_output=True, text=True, check=True)
             theirs = json.loads(run.stdout.strip().splitlines()[-1])
             rows.append({"metapeft": ours, "jax": theirs["iterations_per_second"],
                          "ratio": ours / theirs["iterations_per_second"],
-                         "metapeft_cpu_us": 1e6 * cpu[0],
+                         "metapeft_cpu_us": 1e6 * cpu,
                          "jax_cpu_us": 1e6 * theirs["cpu_seconds_per_iteration"]})
         ratio = statistics.median(r["ratio"] for r in rows)
         out[order] = {"rounds": rows, "median_ratio": ratio,
